@@ -1,0 +1,251 @@
+"""Pretraining: MAE, ColorMAE masks, CrossMAE decoder and the CMAE contrastive branch, switched by flags.
+
+    torchrun --nproc_per_node=8 main_pretrain.py --model mae_vit_base_patch16 --norm_pix_loss \
+        --batch_size 64 --accum_iter 8 --blr 1.5e-4 --epochs 800 --warmup_epochs 40 --data_path /imagenet
+"""
+import argparse
+import datetime
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+import masking
+import models_mae
+import util.misc as misc
+from engine_pretrain import train_one_epoch
+from util.checkpoint import (check_output_dir, load_checkpoint, resume_path, rng_state, save_on_master,
+                             set_rng_state)
+from util.datasets import build_dataset, build_loader, pretrain_transform
+from util.lr_decay import param_groups_weight_decay
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MAE pre-training', add_help=True)
+    # --- batch and schedule
+    parser.add_argument('--batch_size', default=64, type=int,
+                        help='batch size per process (effective batch = batch_size * accum_iter * world_size)')
+    parser.add_argument('--epochs', default=400, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps')
+    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='> 0: cap the steps of each epoch (quick runs)')
+    # --- model
+    parser.add_argument('--model', default='mae_vit_large_patch16', type=str, metavar='MODEL',
+                        help=f'one of: {", ".join(models_mae.MODELS)}')
+    parser.add_argument('--input_size', default=224, type=int, help='image size')
+    parser.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
+    parser.add_argument('--norm_pix_loss', action='store_true', help='per-patch normalized pixels as targets')
+    parser.set_defaults(norm_pix_loss=False)
+    parser.add_argument('--decoder_depth', default=None, type=int, help='default: the factory\'s (8)')
+    parser.add_argument('--attn', default='sdpa', choices=['sdpa', 'math'], help='attention implementation')
+    parser.add_argument('--flash_attn', action='store_true', help='flash-attn on CUDA when installed, else SDPA')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    # --- masks
+    parser.add_argument('--mask_type', default='random', choices=masking.MASK_TYPES,
+                        help='random (MAE), ColorMAE white/red/blue/green/purple, block (BEiT), block2x2 (CMAE)')
+    parser.add_argument('--mask_schedule', default='', help='switch mask type at epochs, e.g. 200:blue,250:red')
+    parser.add_argument('--mask_pattern_path', default='', help='ColorMAE pattern file (.npz, [P, M, N]) to use')
+    parser.add_argument('--num_patterns', default=256, type=int, help='size of a generated colored-noise bank')
+    # --- CrossMAE
+    parser.add_argument('--cross_mae', action='store_true', help='cross-attention decoder (CrossMAE)')
+    parser.add_argument('--kept_mask_ratio', default=None, type=float,
+                        help='fraction of patches predicted (<= mask_ratio; default = mask_ratio)')
+    parser.add_argument('--weight_fm', action='store_true', help='decoder blocks read learned mixes of encoder features')
+    parser.add_argument('--use_fm', nargs='+', type=int, default=[-1], help='encoder blocks feeding wfm (-1 = all)')
+    parser.add_argument('--use_input', action='store_true', help='also feed the masked encoder input to wfm')
+    parser.add_argument('--self_attn', action='store_true', help='self-attention in each CrossMAE decoder block')
+    parser.add_argument('--inverse_lr', action='store_true', help='lr scale mask_ratio / kept_mask_ratio')
+    parser.add_argument('--no_lr_scale', action='store_true', help='lr scale 1 (default: kept_mask_ratio / mask_ratio)')
+    # --- optimizer
+    parser.add_argument('--weight_decay', type=float, default=0.05)
+    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='absolute lr (default: from blr)')
+    parser.add_argument('--blr', type=float, default=1.5e-4, metavar='LR',
+                        help='base lr: absolute_lr = scale * blr * eff_batch / 256 (scale from CrossMAE ratios, else 1)')
+    parser.add_argument('--min_lr', type=float, default=0., metavar='LR', help='lower lr bound of the cosine')
+    parser.add_argument('--warmup_epochs', type=int, default=40, metavar='N')
+    parser.add_argument('--clip_grad', type=float, default=None)
+    # --- data, output, checkpoints
+    parser.add_argument('--data_path', default='../shared/data/imagenette2-224', type=str, help='ImageFolder root with train/')
+    parser.add_argument('--subset', default=0, type=int, help='> 0: a fixed, class-balanced subset of this many images')
+    parser.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt go here')
+    parser.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
+    parser.add_argument('--resume', default='', help='checkpoint to resume from (default: output_dir/checkpoint.pth if present)')
+    parser.add_argument('--save_freq', default=20, type=int, help='also keep checkpoint-{epoch}.pth every N epochs')
+    parser.add_argument('--print_freq', default=20, type=int)
+    parser.add_argument('--no_step_log', action='store_true', help='skip per-step TensorBoard scalars (saves a collective per step)')
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
+    return misc.add_dist_args(parser)
+
+
+def check_args(args):
+    if args.model not in models_mae.MODELS:
+        raise misc.UserError(f'unknown --model {args.model!r}; choose from: {", ".join(models_mae.MODELS)}')
+    if not 0 <= args.mask_ratio < 1:
+        raise misc.UserError(f'--mask_ratio must be in [0, 1), got {args.mask_ratio}')
+    if args.kept_mask_ratio is None:
+        args.kept_mask_ratio = args.mask_ratio
+    if args.kept_mask_ratio != args.mask_ratio and not args.cross_mae:
+        raise misc.UserError('--kept_mask_ratio (partial reconstruction) needs --cross_mae')
+    if not 0 < args.kept_mask_ratio <= args.mask_ratio if args.mask_ratio > 0 else args.kept_mask_ratio != 0:
+        raise misc.UserError(f'--kept_mask_ratio must be in (0, mask_ratio={args.mask_ratio}], got {args.kept_mask_ratio}')
+    if (args.weight_fm or args.use_input or args.self_attn) and not args.cross_mae:
+        raise misc.UserError('--weight_fm, --use_input and --self_attn belong to the CrossMAE decoder: add --cross_mae')
+    patch = models_mae.CONFIGS[args.model.replace('mae_vit_', '').replace('_dec512d8b', '')]['patch_size']
+    if args.input_size % patch:
+        raise misc.UserError(f'--input_size {args.input_size} is not divisible by the patch size {patch} of {args.model}')
+    args.schedule = masking.parse_mask_schedule(args.mask_schedule)
+    if args.accum_iter < 1 or args.batch_size < 1:
+        raise misc.UserError('--batch_size and --accum_iter must be >= 1')
+
+
+def lr_scale(args):
+    """CrossMAE scales the lr by kept_mask_ratio / mask_ratio (or its inverse); MAE by 1."""
+    if not args.cross_mae or args.no_lr_scale or args.mask_ratio == 0:
+        return 1.0
+    r = args.kept_mask_ratio / args.mask_ratio
+    return 1.0 / r if args.inverse_lr else r
+
+
+def build_model(args):
+    kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    if args.decoder_depth is not None:
+        kwargs['decoder_depth'] = args.decoder_depth
+    if args.cross_mae:
+        kwargs.update(cross_mae=True, weight_fm=args.weight_fm, use_fm=args.use_fm, use_input=args.use_input,
+                      self_attn=args.self_attn)
+    model = models_mae.MODELS[args.model](**kwargs)
+    backend = args.attn
+    if args.flash_attn:
+        if models_mae.flash_attn_func is None or args.device.type != 'cuda' or args.amp == 'none':
+            print('--flash_attn: flash-attn needs the flash_attn package, CUDA and --amp bf16/fp16; using PyTorch SDPA')
+        else:
+            backend = 'flash'
+    model.set_attention_backend(backend)
+    return model
+
+
+def build_mask_generator(args, epoch, grid):
+    kind = masking.mask_type_at(epoch, args.mask_type, args.schedule)
+    patterns = masking.load_patterns(args.mask_pattern_path) if args.mask_pattern_path and kind in masking.COLORS else None
+    return masking.MaskGenerator(kind, grid, args.mask_ratio, seed=args.seed + args.rank + 7919 * epoch,
+                                 device=args.device, num_patterns=args.num_patterns, patterns=patterns)
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    misc.resolve_amp(args)
+    check_args(args)
+    check_output_dir(args.output_dir if misc.is_main_process() else '')
+    print(f'job dir: {os.path.dirname(os.path.realpath(__file__))}')
+    print(', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+
+    seed = args.seed + misc.get_rank()  # different augmentations and masks per process
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), args.subset)
+    print(f'dataset: {len(dataset)} images in {dataset.root}')
+    if len(dataset) < args.batch_size * args.world_size:
+        raise misc.UserError(f'{len(dataset)} images are fewer than one global batch of {args.batch_size * args.world_size}')
+    loader = build_loader(dataset, args)
+    model = build_model(args).to(args.device)
+    model_without_ddp = model
+    print(f'model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
+
+    eff_batch = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:
+        args.lr = lr_scale(args) * args.blr * eff_batch / 256
+    print(f'base lr: {args.lr * 256 / eff_batch:.2e}, actual lr: {args.lr:.2e}, accumulate grad iterations: '
+          f'{args.accum_iter}, effective batch size: {eff_batch}')
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model_without_ddp, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95))
+    loss_scaler = misc.LossScaler(args.device.type, enabled=args.amp == 'fp16')
+    grid = model_without_ddp.grid_size
+
+    # --- resume: --resume, or output_dir/checkpoint.pth when a run is started again with the same command
+    start_step, mask_state = 0, None
+    path = resume_path(args)
+    if path:
+        ckpt = load_checkpoint(path)
+        try:
+            model_without_ddp.load_state_dict(ckpt['model'])
+        except RuntimeError as e:
+            raise misc.UserError(f'{path} does not fit --model {args.model}: {str(e).splitlines()[0]} '
+                                 f'{"; ".join(l.strip() for l in str(e).splitlines()[1:4])}') from e
+        if 'optimizer' in ckpt:
+            optimizer.load_state_dict(ckpt['optimizer'])
+            loss_scaler.load_state_dict(ckpt.get('scaler'))
+            start_step = ckpt.get('step_in_epoch', 0)
+            args.start_epoch = ckpt['epoch'] + (0 if start_step else 1)
+            if 'rng' in ckpt and misc.get_rank() == 0:
+                set_rng_state(ckpt['rng'])
+            mask_state = ckpt.get('mask_gen')
+        print(f'resumed from {path}: epoch {args.start_epoch}, step {start_step}')
+
+    log_writer = None
+    if misc.is_main_process() and args.output_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    if args.compile:
+        model = torch.compile(model)
+    stop_flag = misc.StopFlag().install()
+
+    def checkpoint(epoch, step_in_epoch=0):
+        """epoch: the last complete epoch, or the one in progress when step_in_epoch > 0."""
+        state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+                 'step_in_epoch': step_in_epoch, 'scaler': loss_scaler.state_dict(), 'rng': rng_state(),
+                 'mask_gen': mask_gen.state_dict(), 'args': checkpoint_args(args)}
+        save_on_master(state, os.path.join(args.output_dir, 'checkpoint.pth'))
+        return state
+
+    print(f'start training for {args.epochs} epochs')
+    start_time, mask_gen = time.time(), None
+    for epoch in range(args.start_epoch, args.epochs):
+        if mask_gen is None or mask_gen.mask_type != masking.mask_type_at(epoch, args.mask_type, args.schedule):
+            mask_gen = build_mask_generator(args, epoch, grid)
+            if mask_state is not None and mask_state['mask_type'] == mask_gen.mask_type:
+                mask_gen.load_state_dict(mask_state)
+            print(f'epoch {epoch}: mask type {mask_gen.mask_type}')
+        mask_state = None
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start_index = start_step * args.batch_size  # > 0 only when resuming mid-epoch
+        train_stats, steps, interrupted = train_one_epoch(
+            model, loader, optimizer, epoch, loss_scaler, args, mask_gen=mask_gen, log_writer=log_writer,
+            start_step=start_step, stop_flag=stop_flag)
+        start_step = 0
+        if interrupted:
+            if args.output_dir:
+                checkpoint(epoch, step_in_epoch=steps)  # resumes inside this epoch, after `steps` steps
+            print(f'stopped by signal in epoch {epoch} after step {steps}; checkpoint saved')
+            break
+        if args.output_dir:
+            checkpoint(epoch)
+            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+                save_on_master({'model': model_without_ddp.state_dict(), 'epoch': epoch,
+                                'args': checkpoint_args(args)}, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        if args.output_dir and misc.is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            with open(os.path.join(args.output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
+                f.write(json.dumps(log_stats) + '\n')
+    if log_writer is not None:
+        log_writer.close()
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    if args.output_dir:
+        print(f'checkpoints and log.txt in {os.path.abspath(args.output_dir)}')
+
+
+def checkpoint_args(args):
+    return {k: v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v) for k, v in vars(args).items()}
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    misc.run_main(main, args)

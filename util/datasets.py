@@ -1,0 +1,146 @@
+"""ImageFolder datasets and the MAE transforms, with clear errors for unusable folders.
+
+Corrupt or truncated images are skipped with a warning naming the file (the next image is used instead);
+non-RGB images (greyscale, CMYK, palette) are converted to RGB.
+"""
+import os
+import sys
+
+import torch
+from PIL import Image
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from util.misc import UserError
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def split_dir(data_path, split):
+    """data_path/split, checked: it must exist and hold class folders with at least one image."""
+    if not data_path or not os.path.isdir(data_path):
+        raise UserError(f'--data_path {data_path!r} is not a folder')
+    root = os.path.join(data_path, split)
+    if not os.path.isdir(root):
+        raise UserError(f'{data_path} has no {split}/ folder (expected the ImageFolder layout {split}/<class>/<image>)')
+    classes = [d.name for d in os.scandir(root) if d.is_dir()]
+    if not classes:
+        raise UserError(f'{root} has no class folders (expected {split}/<class>/<image>)')
+    return root
+
+
+def pil_rgb_loader(path):
+    with open(path, 'rb') as f:
+        img = Image.open(f)
+        return img.convert('RGB')  # also forces the full decode, so truncated files fail here
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """ImageFolder that skips unreadable images with a warning instead of stopping the run."""
+
+    def __init__(self, root, transform=None):
+        try:
+            super().__init__(root, transform=transform, loader=pil_rgb_loader)
+        except FileNotFoundError as e:
+            raise UserError(f'{root}: {e}') from e
+        self.skipped = 0
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.samples)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                img = self.loader(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self.skipped += 1
+                print(f'warning: skipping unreadable image {path} ({e}); {self.skipped} skipped so far in this worker',
+                      file=sys.stderr, flush=True)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, target
+        raise UserError(f'no readable image in {self.root}')
+
+
+def pretrain_transform(input_size):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def eval_transform(input_size):
+    """Resize to input_size / (224 / 256) (bicubic), center crop."""
+    size = int(input_size / (224 / 256))
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def finetune_transform(args):
+    """timm's training transform: RandAugment, bicubic RandomResizedCrop, flip, RandomErasing."""
+    from timm.data import create_transform
+    return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                            auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
+                            re_mode=args.remode, re_count=args.recount,
+                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def linprobe_transform(input_size):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def build_dataset(data_path, split, transform, subset=0):
+    """SafeImageFolder over data_path/split; subset > 0 keeps a deterministic, class-balanced subset."""
+    ds = SafeImageFolder(split_dir(data_path, split), transform=transform)
+    if not ds.samples:
+        raise UserError(f'{ds.root} has class folders but no images')
+    if subset and subset < len(ds.samples):
+        ds.samples = balanced_subset(ds.samples, len(ds.classes), subset)
+        ds.targets = [t for _, t in ds.samples]
+        ds.imgs = ds.samples
+    return ds
+
+
+def balanced_subset(samples, num_classes, n):
+    """The first images of each class in sorted order, taking classes in turn until n are chosen."""
+    by_class = [[s for s in samples if s[1] == c] for c in range(num_classes)]
+    out, i = [], 0
+    while len(out) < n:
+        for c in range(num_classes):
+            if i < len(by_class[c]) and len(out) < n:
+                out.append(by_class[c][i])
+        i += 1
+    return sorted(out, key=lambda s: (s[1], s[0]))
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (also for one process) whose epoch can start part-way: `start_index` samples of
+    this rank's order are skipped, so a run stopped mid-epoch continues with the samples it had not seen."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start_index = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index:])
+
+    def __len__(self):
+        return self.num_samples - self.start_index
+
+
+def build_loader(dataset, args, shuffle=True, drop_last=True, batch_size=None):
+    """DataLoader with a ResumableSampler (one process: one replica), so that the order depends only on
+    (seed, epoch) and resumes reproduce it."""
+    sampler = ResumableSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                               shuffle=shuffle, seed=args.seed, drop_last=drop_last and shuffle)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size,
+                                       num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.type == 'cuda',
+                                       drop_last=drop_last, persistent_workers=False)
