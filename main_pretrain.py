@@ -19,7 +19,7 @@ import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.checkpoint import (check_output_dir, load_checkpoint, resume_path, rng_state, save_on_master,
                              set_rng_state)
-from util.datasets import build_dataset, build_loader, pretrain_transform
+from util.datasets import build_image_dataset, build_loader, pretrain_transform
 from util.lr_decay import param_groups_weight_decay
 
 
@@ -69,6 +69,8 @@ def get_args_parser():
     # --- data, output, checkpoints
     parser.add_argument('--data_path', default='../shared/data/imagenette2-224', type=str, help='ImageFolder root with train/')
     parser.add_argument('--subset', default=0, type=int, help='> 0: a fixed, class-balanced subset of this many images')
+    parser.add_argument('--cache_data', action='store_true', help='decode the images once and keep them in memory (uint8)')
+    parser.add_argument('--cache_size', default=0, type=int, help='cached image size (default input_size * 256 / 224)')
     parser.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt go here')
     parser.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
     parser.add_argument('--resume', default='', help='checkpoint to resume from (default: output_dir/checkpoint.pth if present)')
@@ -146,7 +148,7 @@ def main(args):
     np.random.seed(seed)
     random.seed(seed)
 
-    dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), args.subset)
+    dataset = build_image_dataset(args, 'train', pretrain_transform(args.input_size), cache=args.cache_data)
     print(f'dataset: {len(dataset)} images in {dataset.root}')
     if len(dataset) < args.batch_size * args.world_size:
         raise misc.UserError(f'{len(dataset)} images are fewer than one global batch of {args.batch_size * args.world_size}')

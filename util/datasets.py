@@ -144,3 +144,43 @@ def build_loader(dataset, args, shuffle=True, drop_last=True, batch_size=None):
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size,
                                        num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.type == 'cuda',
                                        drop_last=drop_last, persistent_workers=False)
+
+
+class CachedImageFolder(torch.utils.data.Dataset):
+    """An image folder decoded once, resized to `cache_size` (shorter side, then center crop) and kept in
+    memory as uint8 [3, S, S]; the transform (on tensors) still runs per sample, so random crops and flips
+    stay random. For small datasets at low resolution, where decoding JPEGs would bound the step time."""
+
+    def __init__(self, folder, cache_size, transform=None, num_workers=0):
+        self.root, self.classes, self.transform = folder.root, folder.classes, transform
+        self.samples, self.targets = folder.samples, folder.targets
+        decode = transforms.Compose([transforms.Resize(cache_size, interpolation=InterpolationMode.BICUBIC),
+                                     transforms.CenterCrop(cache_size), transforms.PILToTensor()])
+        folder.transform = decode
+        loader = torch.utils.data.DataLoader(folder, batch_size=64, num_workers=num_workers, shuffle=False)
+        images = [x for x, _ in loader]
+        self.images = torch.cat(images) if images else torch.zeros(0, 3, cache_size, cache_size, dtype=torch.uint8)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        img = self.images[index]
+        return (self.transform(img) if self.transform is not None else img), self.targets[index]
+
+
+def tensor_transform(transform):
+    """A PIL transform pipeline turned into one for uint8 tensors: ToTensor becomes a dtype conversion."""
+    steps = [transforms.ConvertImageDtype(torch.float32) if isinstance(t, transforms.ToTensor) else t
+             for t in transform.transforms]
+    return transforms.Compose(steps)
+
+
+def build_image_dataset(args, split, transform, cache=False):
+    """The dataset for a split: decoded per step from disk, or with cache=True (--cache_data) from memory at
+    args.cache_size (default: input_size * 256 / 224)."""
+    ds = build_dataset(args.data_path, split, None if cache else transform, getattr(args, 'subset', 0))
+    if not cache:
+        return ds
+    size = getattr(args, 'cache_size', 0) or int(args.input_size * 256 / 224)
+    return CachedImageFolder(ds, size, tensor_transform(transform), num_workers=args.num_workers)
