@@ -238,13 +238,13 @@ def _draw_figure(out, grid=14, mask_ratio=0.75, num_examples=3, seed=0):
         gen = MaskGenerator(kind, grid, mask_ratio, seed=seed)
         masks = masks_from_noise(gen(num_examples), mask_ratio).view(-1, grid, grid)
         for c in range(num_examples):
-            axes[r, c].imshow(1 - masks[c], cmap='gray', vmin=0, vmax=1)  # white = visible
+            axes[r, c].imshow((1 - masks[c]).numpy(), cmap='gray', vmin=0, vmax=1)  # white = visible
         ax_p, ax_s = axes[r, num_examples], axes[r, num_examples + 1]
         if gen.patterns is not None:
-            ax_p.imshow(gen.patterns[0], cmap='viridis')
+            ax_p.imshow(gen.patterns[0].cpu().numpy(), cmap='viridis')
             spec = radial_power_spectrum(gen.patterns, 12)
             freqs = (torch.arange(12) + 0.5) / 24
-            ax_s.plot(freqs, spec / spec.max(), color=kind if kind != 'white' else 'gray')
+            ax_s.plot(freqs.numpy(), (spec / spec.max()).numpy(), color=kind if kind != 'white' else 'gray')
             ax_s.set_ylim(0, 1.05)
             ax_s.set_xlabel('cycles / patch', fontsize=7)
         else:

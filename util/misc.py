@@ -29,9 +29,12 @@ def is_main_process():
     return get_rank() == 0
 
 
+_builtin_print = builtins.print
+
+
 def setup_for_distributed(is_master):
     """Silence print() on all but rank 0 (force=True prints anyway)."""
-    builtin_print = builtins.print
+    builtin_print = _builtin_print
 
     def print(*args, **kwargs):
         force = kwargs.pop('force', False)
