@@ -26,3 +26,30 @@ def randomize_norms(model, seed=0):
             if 'norm' in name or name.endswith('bias'):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model
+
+
+def run_script(module, argv):
+    """Runs a main_*.py script in this process (faster than a subprocess) and returns its args."""
+    args = module.get_args_parser().parse_args([str(a) for a in argv])
+    module.main(args)
+    return args
+
+
+def read_log(path):
+    import json
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def torchrun(script, argv, nproc=2, timeout=600, env=None):
+    """Runs `torchrun --nproc_per_node=nproc script argv` on CPU; returns the CompletedProcess (checked)."""
+    import subprocess
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--standalone',
+           str(ROOT / script), *[str(a) for a in argv]]
+    e = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+    assert out.returncode == 0, f'{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}'
+    return out
+
+
+PICO = ['--model', 'mae_vit_pico_patch4', '--input_size', 32, '--num_workers', 0, '--cache_data', '--print_freq', 50]

@@ -136,10 +136,10 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start_index
 
 
-def build_loader(dataset, args, shuffle=True, drop_last=True, batch_size=None):
+def build_loader(dataset, args, shuffle=True, drop_last=True, batch_size=None, split=True):
     """DataLoader with a ResumableSampler (one process: one replica), so that the order depends only on
-    (seed, epoch) and resumes reproduce it."""
-    sampler = ResumableSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+    (seed, epoch) and resumes reproduce it. split=False: every process reads the whole dataset."""
+    sampler = ResumableSampler(dataset, num_replicas=args.world_size if split else 1, rank=args.rank if split else 0,
                                shuffle=shuffle, seed=args.seed, drop_last=drop_last and shuffle)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size,
                                        num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.type == 'cuda',
@@ -148,8 +148,8 @@ def build_loader(dataset, args, shuffle=True, drop_last=True, batch_size=None):
 
 class CachedImageFolder(torch.utils.data.Dataset):
     """An image folder decoded once, resized to `cache_size` (shorter side, then center crop) and kept in
-    memory as uint8 [3, S, S]; the transform (on tensors) still runs per sample, so random crops and flips
-    stay random. For small datasets at low resolution, where decoding JPEGs would bound the step time."""
+    memory as uint8 [3, S, S]; the transform still runs per sample on a PIL image, so random crops, flips and
+    RandAugment stay random. For small datasets at low resolution, where decoding JPEGs would bound the step time."""
 
     def __init__(self, folder, cache_size, transform=None, num_workers=0):
         self.root, self.classes, self.transform = folder.root, folder.classes, transform
@@ -165,22 +165,16 @@ class CachedImageFolder(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        img = self.images[index]
+        img = Image.fromarray(self.images[index].permute(1, 2, 0).numpy())  # the usual PIL transforms apply
         return (self.transform(img) if self.transform is not None else img), self.targets[index]
-
-
-def tensor_transform(transform):
-    """A PIL transform pipeline turned into one for uint8 tensors: ToTensor becomes a dtype conversion."""
-    steps = [transforms.ConvertImageDtype(torch.float32) if isinstance(t, transforms.ToTensor) else t
-             for t in transform.transforms]
-    return transforms.Compose(steps)
 
 
 def build_image_dataset(args, split, transform, cache=False):
     """The dataset for a split: decoded per step from disk, or with cache=True (--cache_data) from memory at
     args.cache_size (default: input_size * 256 / 224)."""
-    ds = build_dataset(args.data_path, split, None if cache else transform, getattr(args, 'subset', 0))
+    subset = getattr(args, 'subset', 0) if split == 'train' else getattr(args, 'val_subset', 0)
+    ds = build_dataset(args.data_path, split, None if cache else transform, subset)
     if not cache:
         return ds
     size = getattr(args, 'cache_size', 0) or int(args.input_size * 256 / 224)
-    return CachedImageFolder(ds, size, tensor_transform(transform), num_workers=args.num_workers)
+    return CachedImageFolder(ds, size, transform, num_workers=args.num_workers)

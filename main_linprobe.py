@@ -1,0 +1,50 @@
+"""Linear probing: a frozen encoder, BatchNorm(affine=False) + Linear head trained with LARS (MAE recipe).
+
+    torchrun --nproc_per_node=8 main_linprobe.py --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth \
+        --batch_size 512 --accum_iter 4 --blr 0.1 --epochs 90 --warmup_epochs 10 --dist_eval --data_path /imagenet
+"""
+import argparse
+
+import torch
+
+import util.misc as misc
+from main_finetune import add_common_args, build_data, run, set_lr, setup
+from util.datasets import linprobe_transform
+from util.lars import LARS
+from util.pretrained import create_vit, load_encoder
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=True)
+    add_common_args(parser, batch_size=512, epochs=90, blr=0.1, warmup_epochs=10)
+    parser.add_argument('--weight_decay', type=float, default=0, help='weight decay (0 in the MAE recipe)')
+    return parser
+
+
+def main(args):
+    setup(args)
+    loader_train, loader_val = build_data(args, None if args.eval else linprobe_transform(args.input_size))
+    model = create_vit(args.model, img_size=args.input_size, num_classes=args.nb_classes, global_pool=args.global_pool)
+    if args.finetune and not args.eval:
+        load_encoder(model, args.finetune)
+    torch.nn.init.trunc_normal_(model.head.weight, std=0.01)
+    torch.nn.init.zeros_(model.head.bias)
+    # MoCo v3 / MAE: BatchNorm without affine before the linear head, which stays a linear classifier
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.head.parameters():
+        p.requires_grad = True
+    model.to(args.device)
+    model_without_ddp = model
+    print(f'model: {args.model}, {sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters')
+    set_lr(args)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    run(args, model, model_without_ddp, optimizer, torch.nn.CrossEntropyLoss(), loader_train, loader_val)
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    misc.run_main(main, args)
