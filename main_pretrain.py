@@ -14,13 +14,15 @@ import numpy as np
 import torch
 
 import masking
+import models_cmae
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.checkpoint import (check_output_dir, load_checkpoint, resume_path, rng_state, save_on_master,
                              set_rng_state)
-from util.datasets import build_image_dataset, build_loader, pretrain_transform
+from util.datasets import TwoViewTransform, build_image_dataset, build_loader, pretrain_transform
 from util.lr_decay import param_groups_weight_decay
+from util.lr_sched import momentum_at
 
 
 def get_args_parser():
@@ -58,6 +60,17 @@ def get_args_parser():
     parser.add_argument('--self_attn', action='store_true', help='self-attention in each CrossMAE decoder block')
     parser.add_argument('--inverse_lr', action='store_true', help='lr scale mask_ratio / kept_mask_ratio')
     parser.add_argument('--no_lr_scale', action='store_true', help='lr scale 1 (default: kept_mask_ratio / mask_ratio)')
+    # --- CMAE contrastive branch
+    parser.add_argument('--contrastive', action='store_true',
+                        help='CMAE: momentum target encoder, feature decoder and InfoNCE (recipe: --mask_type block2x2 --mask_ratio 0.65)')
+    parser.add_argument('--contrastive_weight', type=float, default=1.0, help='loss = pixel + weight * InfoNCE')
+    parser.add_argument('--temperature', type=float, default=0.07, help='InfoNCE temperature tau (loss scaled by 2 tau)')
+    parser.add_argument('--momentum', type=float, default=0.996, help='EMA momentum m of the target branch')
+    parser.add_argument('--momentum_cosine', action='store_true', help='ramp m to 1 along a half cosine over the run')
+    parser.add_argument('--proj_dim', type=int, default=256)
+    parser.add_argument('--proj_hidden_dim', type=int, default=1536)
+    parser.add_argument('--feat_decoder_depth', type=int, default=2)
+    parser.add_argument('--max_shift', type=int, default=None, help='target view shift in pixels (default 31 * input_size / 224)')
     # --- optimizer
     parser.add_argument('--weight_decay', type=float, default=0.05)
     parser.add_argument('--lr', type=float, default=None, metavar='LR', help='absolute lr (default: from blr)')
@@ -117,7 +130,12 @@ def build_model(args):
     if args.cross_mae:
         kwargs.update(cross_mae=True, weight_fm=args.weight_fm, use_fm=args.use_fm, use_input=args.use_input,
                       self_attn=args.self_attn)
-    model = models_mae.MODELS[args.model](**kwargs)
+    if args.contrastive:
+        kwargs.update(feat_decoder_depth=args.feat_decoder_depth, proj_hidden_dim=args.proj_hidden_dim,
+                      proj_dim=args.proj_dim, temperature=args.temperature, contrastive_weight=args.contrastive_weight)
+        model = models_cmae.cmae_model(args.model, **kwargs)
+    else:
+        model = models_mae.MODELS[args.model](**kwargs)
     backend = args.attn
     if args.flash_attn:
         if models_mae.flash_attn_func is None or args.device.type != 'cuda' or args.amp == 'none':
@@ -148,7 +166,9 @@ def main(args):
     np.random.seed(seed)
     random.seed(seed)
 
-    dataset = build_image_dataset(args, 'train', pretrain_transform(args.input_size), cache=args.cache_data)
+    transform = (TwoViewTransform(args.input_size, args.max_shift) if args.contrastive
+                 else pretrain_transform(args.input_size))
+    dataset = build_image_dataset(args, 'train', transform, cache=args.cache_data)
     print(f'dataset: {len(dataset)} images in {dataset.root}')
     if len(dataset) < args.batch_size * args.world_size:
         raise misc.UserError(f'{len(dataset)} images are fewer than one global batch of {args.batch_size * args.world_size}')
@@ -206,6 +226,11 @@ def main(args):
         save_on_master(state, os.path.join(args.output_dir, 'checkpoint.pth'))
         return state
 
+    after_step = None
+    if args.contrastive:
+        def after_step(epoch_float):  # EMA of the target branch after each optimizer step
+            model_without_ddp.update_target(momentum_at(epoch_float, args.momentum, args.epochs, args.momentum_cosine))
+
     print(f'start training for {args.epochs} epochs')
     start_time, mask_gen = time.time(), None
     for epoch in range(args.start_epoch, args.epochs):
@@ -219,7 +244,7 @@ def main(args):
         loader.sampler.start_index = start_step * args.batch_size  # > 0 only when resuming mid-epoch
         train_stats, steps, interrupted = train_one_epoch(
             model, loader, optimizer, epoch, loss_scaler, args, mask_gen=mask_gen, log_writer=log_writer,
-            start_step=start_step, stop_flag=stop_flag)
+            start_step=start_step, stop_flag=stop_flag, after_step=after_step)
         start_step = 0
         if interrupted:
             if args.output_dir:

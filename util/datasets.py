@@ -178,3 +178,49 @@ def build_image_dataset(args, split, transform, cache=False):
         return ds
     size = getattr(args, 'cache_size', 0) or int(args.input_size * 256 / 224)
     return CachedImageFolder(ds, size, transform, num_workers=args.num_workers)
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with a radius drawn uniformly from `radius` (torch RNG, so seeding covers it)."""
+
+    def __init__(self, radius=(0.1, 2.0)):
+        self.radius = radius
+
+    def __call__(self, img):
+        from PIL import ImageFilter
+        r = self.radius[0] + (self.radius[1] - self.radius[0]) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=r))
+
+
+class TwoViewTransform:
+    """CMAE's views: one RandomResizedCrop to input_size * 256/224 (scale 0.2-1) with one flip for both views;
+    the online view is its top-left input_size crop, the target view the crop shifted by (dh, dw), each
+    uniform in {0..max_shift} (31 px at 224, scaled), then color-augmented. Returns [online, target]."""
+
+    def __init__(self, input_size, max_shift=None, color_aug=True):
+        self.size = input_size
+        self.big = int(round(input_size * 256 / 224))
+        self.max_shift = min(round(31 * input_size / 224) if max_shift is None else max_shift, self.big - input_size)
+        self.crop = transforms.Compose([
+            transforms.RandomResizedCrop(self.big, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip()])
+        self.color = transforms.Compose([
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=0.5)]) if color_aug else None
+        self.finish = transforms.Compose([transforms.ToTensor(),
+                                          transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+    def views(self, img):
+        """-> online PIL view, target PIL view (before color), (dh, dw)"""
+        img = self.crop(img)
+        dh, dw = (int(v) for v in torch.randint(self.max_shift + 1, (2,)))
+        online = img.crop((0, 0, self.size, self.size))
+        target = img.crop((dw, dh, dw + self.size, dh + self.size))
+        return online, target, (dh, dw)
+
+    def __call__(self, img):
+        online, target, _ = self.views(img)
+        if self.color is not None:
+            target = self.color(target)
+        return [self.finish(online), self.finish(target)]

@@ -16,3 +16,10 @@ def adjust_learning_rate(optimizer, epoch, args):
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
     return lr
+
+
+def momentum_at(epoch, base, epochs, cosine=False):
+    """EMA momentum: constant `base`, or with cosine=True ramped from base to 1 along a half cosine."""
+    if not cosine:
+        return base
+    return 1. - (1. - base) * (math.cos(math.pi * min(epoch / epochs, 1.)) + 1) / 2
