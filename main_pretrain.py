@@ -18,11 +18,11 @@ import models_cmae
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.checkpoint import (check_output_dir, load_checkpoint, resume_path, rng_state, save_on_master,
-                             set_rng_state)
+from util.checkpoint import check_output_dir, resume_path, rng_state, save_on_master, set_rng_state
 from util.datasets import TwoViewTransform, build_image_dataset, build_loader, pretrain_transform
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import momentum_at
+from util.pretrained import load_exact
 
 
 def get_args_parser():
@@ -149,7 +149,8 @@ def build_model(args):
 def build_mask_generator(args, epoch, grid):
     kind = masking.mask_type_at(epoch, args.mask_type, args.schedule)
     patterns = masking.load_patterns(args.mask_pattern_path) if args.mask_pattern_path and kind in masking.COLORS else None
-    return masking.MaskGenerator(kind, grid, args.mask_ratio, seed=args.seed + args.rank + 7919 * epoch,
+    segment = max([start for start, _ in args.schedule if start <= epoch], default=0)  # same seed on resume
+    return masking.MaskGenerator(kind, grid, args.mask_ratio, seed=args.seed + args.rank + 7919 * segment,
                                  device=args.device, num_patterns=args.num_patterns, patterns=patterns)
 
 
@@ -194,12 +195,7 @@ def main(args):
     start_step, mask_state = 0, None
     path = resume_path(args)
     if path:
-        ckpt = load_checkpoint(path)
-        try:
-            model_without_ddp.load_state_dict(ckpt['model'])
-        except RuntimeError as e:
-            raise misc.UserError(f'{path} does not fit --model {args.model}: {str(e).splitlines()[0]} '
-                                 f'{"; ".join(l.strip() for l in str(e).splitlines()[1:4])}') from e
+        ckpt = load_exact(model_without_ddp, path)
         if 'optimizer' in ckpt:
             optimizer.load_state_dict(ckpt['optimizer'])
             loss_scaler.load_state_dict(ckpt.get('scaler'))

@@ -184,19 +184,29 @@ def add_dist_args(parser):
 
 
 def run_main(main, args):
-    """Runs main(args); input errors become one line on stderr and exit status 2 (tracebacks with --debug)."""
+    """Runs main(args). Input errors become one line on stderr and exit status 2, a non-finite loss exit
+    status 1; tracebacks only with --debug."""
     import sys
     try:
         main(args)
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
-        if getattr(args, 'debug', False):
+        _fail(args, e, 2)
+    except RuntimeError as e:
+        if type(e).__name__ != 'NonFiniteLoss':
             raise
-        msg = str(e).strip() or type(e).__name__
-        builtins.print(f'error: {msg}', file=sys.stderr)
-        sys.exit(2)
+        _fail(args, e, 1)
     finally:
         if is_dist_avail_and_initialized():
             dist.destroy_process_group()
+
+
+def _fail(args, e, code):
+    import sys
+    if getattr(args, 'debug', False):
+        raise e
+    msg = str(e).strip() or type(e).__name__
+    _builtin_print(f'error: {msg}', file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 class LossScaler:
