@@ -19,10 +19,12 @@ import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.checkpoint import check_output_dir, resume_path, rng_state, save_on_master, set_rng_state
-from util.datasets import TwoViewTransform, build_image_dataset, build_loader, pretrain_transform
+from util.datasets import (TwoViewTransform, build_dataset, build_image_dataset, build_loader, eval_transform,
+                           pretrain_transform)
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import momentum_at
 from util.pretrained import load_exact
+from util.visualize import log_to_tensorboard
 
 
 def get_args_parser():
@@ -89,6 +91,7 @@ def get_args_parser():
     parser.add_argument('--resume', default='', help='checkpoint to resume from (default: output_dir/checkpoint.pth if present)')
     parser.add_argument('--save_freq', default=20, type=int, help='also keep checkpoint-{epoch}.pth every N epochs')
     parser.add_argument('--print_freq', default=20, type=int)
+    parser.add_argument('--vis_freq', default=20, type=int, help='TensorBoard reconstructions and masks every N epochs (0: off)')
     parser.add_argument('--no_step_log', action='store_true', help='skip per-step TensorBoard scalars (saves a collective per step)')
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
     return misc.add_dist_args(parser)
@@ -228,7 +231,7 @@ def main(args):
             model_without_ddp.update_target(momentum_at(epoch_float, args.momentum, args.epochs, args.momentum_cosine))
 
     print(f'start training for {args.epochs} epochs')
-    start_time, mask_gen = time.time(), None
+    start_time, mask_gen, vis_imgs = time.time(), None, None
     for epoch in range(args.start_epoch, args.epochs):
         if mask_gen is None or mask_gen.mask_type != masking.mask_type_at(epoch, args.mask_type, args.schedule):
             mask_gen = build_mask_generator(args, epoch, grid)
@@ -252,6 +255,12 @@ def main(args):
             if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
                 save_on_master({'model': model_without_ddp.state_dict(), 'epoch': epoch,
                                 'args': checkpoint_args(args)}, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+        if log_writer is not None and args.vis_freq and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
+            if vis_imgs is None:
+                vis_imgs = build_dataset(args.data_path, 'train', eval_transform(args.input_size), 4)
+                vis_imgs = torch.stack([vis_imgs[i][0] for i in range(len(vis_imgs))]).to(args.device)
+            log_to_tensorboard(log_writer, model_without_ddp, vis_imgs, mask_gen, args.mask_ratio,
+                               args.kept_mask_ratio, epoch, seed=args.seed)
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
         if args.output_dir and misc.is_main_process():
             if log_writer is not None:

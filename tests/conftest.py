@@ -53,3 +53,14 @@ def torchrun(script, argv, nproc=2, timeout=600, env=None):
 
 
 PICO = ['--model', 'mae_vit_pico_patch4', '--input_size', 32, '--num_workers', 0, '--cache_data', '--print_freq', 50]
+
+
+@pytest.fixture(scope='session')
+def pico_pretrained(data_path, tmp_path_factory):
+    """A pico MAE pretrained for 200 steps (25 epochs x 8) on 512 Imagenette images at 32 px (about 45 s)."""
+    import main_pretrain
+    out = tmp_path_factory.mktemp('pico_pretrained')
+    run_script(main_pretrain, [*PICO, '--data_path', data_path, '--subset', 512, '--batch_size', 64, '--epochs', 25,
+                               '--warmup_epochs', 2, '--blr', 1e-2, '--output_dir', out, '--save_freq', 10,
+                               '--vis_freq', 10])
+    return out

@@ -1,0 +1,138 @@
+"""Weighted k-NN evaluation of frozen encoder features (cosine similarity, votes exp(sim / T)).
+
+    python main_knn.py --model vit_base_patch16 --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet
+    torchrun --nproc_per_node=2 main_knn.py --model vit_micro_patch8 --input_size 64 --checkpoint runs/ --output knn.md
+A folder as --checkpoint evaluates every *.pth in it and writes a table; no --checkpoint: the untrained encoder.
+"""
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import util.misc as misc
+from models_vit import forward_features_pooled
+from util.datasets import build_image_dataset, eval_transform
+from util.pretrained import create_vit, load_encoder
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('k-NN evaluation of frozen features', add_help=True)
+    parser.add_argument('--model', default='vit_base_patch16', help='fine-tune factory (or the mae_vit_* name)')
+    parser.add_argument('--checkpoint', default='', help='checkpoint, or a folder of them (*.pth); empty: untrained')
+    parser.add_argument('--input_size', default=224, type=int)
+    parser.add_argument('--pool', default='avg', choices=['avg', 'cls'], help='avg: fc_norm(mean of patch tokens); cls: norm(x)[:, 0]')
+    parser.add_argument('--ks', default=[10, 20, 100, 200], type=int, nargs='+', help='numbers of neighbours')
+    parser.add_argument('--temperature', default=0.07, type=float, help='vote weight exp(sim / T)')
+    parser.add_argument('--batch_size', default=128, type=int, help='extraction batch per process')
+    parser.add_argument('--data_path', default='../shared/data/imagenette2-224', help='ImageFolder root with train/ and val/')
+    parser.add_argument('--subset', default=0, type=int, help='> 0: a fixed, class-balanced subset of train')
+    parser.add_argument('--val_subset', default=0, type=int, help='> 0: a fixed, class-balanced subset of val')
+    parser.add_argument('--cache_data', action='store_true', help='decode the images once and keep them in memory')
+    parser.add_argument('--cache_size', default=0, type=int)
+    parser.add_argument('--output', default='', help='write the results as a markdown table here')
+    return misc.add_dist_args(parser)
+
+
+class Indexed(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return x, y, i
+
+
+@torch.no_grad()
+def extract_features(model, dataset, args, pool):
+    """-> L2-normalized features [len, D] and labels [len], identical on every process (sharded extraction)."""
+    model.eval()
+    sampler = torch.utils.data.DistributedSampler(Indexed(dataset), num_replicas=args.world_size, rank=args.rank,
+                                                  shuffle=False)
+    loader = torch.utils.data.DataLoader(Indexed(dataset), sampler=sampler, batch_size=args.batch_size,
+                                         num_workers=args.num_workers)
+    feats, labels, index = [], [], []
+    for x, y, i in loader:
+        with misc.autocast(args):
+            f = forward_features_pooled(model, x.to(args.device, non_blocking=True), pool)
+        feats.append(f.float().cpu())
+        labels.append(y)
+        index.append(i)
+    feats, labels, index = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    if args.distributed:  # every shard has the same length (the sampler pads by repeating)
+        parts = [[None] * args.world_size for _ in range(3)]
+        for part, t in zip(parts, (feats, labels, index)):
+            dist.all_gather_object(part, t)
+        feats, labels, index = (torch.cat(p) for p in parts)
+    out_f = torch.zeros(len(dataset), feats.shape[1])
+    out_y = torch.zeros(len(dataset), dtype=torch.long)
+    out_f[index], out_y[index] = feats, labels  # padded duplicates write the same rows again
+    return F.normalize(out_f, dim=1), out_y
+
+
+def knn_classify(train_f, train_y, test_f, test_y, ks, temperature=0.07, num_classes=None, chunk=256):
+    """Weighted k-NN on L2-normalized features -> {k: (top1 %, top5 %)}."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    kmax = min(max(ks), len(train_f))
+    correct = {k: [0, 0] for k in ks}
+    for s in range(0, len(test_f), chunk):
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(kmax, dim=1)  # sorted, most similar first
+        votes_w = (sim / temperature).exp()
+        neighbours = train_y[idx]  # [b, kmax]
+        target = test_y[s:s + chunk]
+        for k in ks:
+            kk = min(k, kmax)
+            scores = torch.zeros(len(target), num_classes).scatter_add_(1, neighbours[:, :kk], votes_w[:, :kk])
+            top = scores.topk(min(5, num_classes), dim=1).indices
+            correct[k][0] += (top[:, 0] == target).sum().item()
+            correct[k][1] += (top == target[:, None]).any(dim=1).sum().item()
+    return {k: (100. * c1 / len(test_f), 100. * c5 / len(test_f)) for k, (c1, c5) in correct.items()}
+
+
+def evaluate_checkpoint(path, train_set, val_set, args):
+    torch.manual_seed(args.seed)  # the untrained encoder is reproducible
+    model = create_vit(args.model, img_size=args.input_size, num_classes=0, global_pool=args.pool == 'avg')
+    if path:
+        load_encoder(model, path)
+    model.to(args.device)
+    train_f, train_y = extract_features(model, train_set, args, args.pool)
+    val_f, val_y = extract_features(model, val_set, args, args.pool)
+    res = knn_classify(train_f, train_y, val_f, val_y, args.ks, args.temperature, len(train_set.classes))
+    for k, (t1, t5) in res.items():
+        print(f'{os.path.basename(path) or "untrained"}: k-NN k={k} top1 {t1:.2f} top5 {t5:.2f}')
+    return res
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    misc.resolve_amp(args)
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        paths = sorted((os.path.join(args.checkpoint, f) for f in os.listdir(args.checkpoint) if f.endswith('.pth')),
+                       key=lambda p: os.path.getmtime(p))
+        if not paths:
+            raise misc.UserError(f'no *.pth checkpoints in {args.checkpoint}')
+    else:
+        paths = [args.checkpoint]
+    transform = eval_transform(args.input_size)
+    train_set = build_image_dataset(args, 'train', transform, cache=args.cache_data)
+    val_set = build_image_dataset(args, 'val', transform, cache=args.cache_data)
+    print(f'k-NN: {len(train_set)} train and {len(val_set)} val images, {args.pool} features')
+    rows = [(p, evaluate_checkpoint(p, train_set, val_set, args)) for p in paths]
+    if args.output and misc.is_main_process():
+        with open(args.output, 'w') as f:
+            f.write('| checkpoint | ' + ' | '.join(f'k={k} top1 | k={k} top5' for k in args.ks) + ' |\n')
+            f.write('|---|' + '---:|' * (2 * len(args.ks)) + '\n')
+            for p, res in rows:
+                f.write(f'| {os.path.basename(p) or "untrained"} | '
+                        + ' | '.join(f'{res[k][0]:.2f} | {res[k][1]:.2f}' for k in args.ks) + ' |\n')
+        print(f'wrote {args.output}')
+    return rows
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    misc.run_main(main, args)
