@@ -106,14 +106,17 @@ class CrossAttentionBlock(nn.Module):
 
 
 class WeightedFeatureMaps(nn.Module):
-    """Mixes k encoder feature maps into one per decoder block: [N, T, D, k] -> [N, T, D, decoder_depth]."""
+    """Mixes k encoder feature maps into one per decoder block with `linear.weight [decoder_depth, k]`:
+    mix_i = sum_j w[i, j] feats[j] (the original's Linear over a stacked [N, T, D, k], computed as one matmul
+    over contiguous maps). feats: k x [N, T, D] -> [decoder_depth, N, T, D]"""
 
     def __init__(self, k, decoder_depth):
         super().__init__()
         self.linear = nn.Linear(k, decoder_depth, bias=False)
 
     def forward(self, feats):
-        return self.linear(torch.stack(feats, dim=-1))
+        x = torch.stack(feats, dim=0)  # [k, N, T, D]
+        return (self.linear.weight @ x.flatten(1)).view(-1, *x.shape[1:])
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -261,9 +264,9 @@ class MaskedAutoencoderViT(nn.Module):
         pos = self.decoder_pos_embed[0, 1:, :][ids_pred]  # [N, n_pred, Dd], ascending patch order
         x = self.mask_token + pos
         if self.weight_fm:
-            mixed = self.wfm(latent)  # [N, T, D, decoder_depth]
+            mixed = self.wfm(latent)  # [decoder_depth, N, T, D]
             for i, blk in enumerate(self.decoder_blocks):
-                x = blk(x, self.dec_norms[i](mixed[..., i]))
+                x = blk(x, self.dec_norms[i](mixed[i]))
         else:
             for blk in self.decoder_blocks:
                 x = blk(x, latent)

@@ -1,0 +1,85 @@
+"""Learning-rate schedule, weight-decay and layer-decay groups, LARS, CrossMAE lr scaling (SPEC §1.3-1.5, §2)."""
+import argparse
+import math
+
+import pytest
+import torch
+
+import main_pretrain
+import models_mae
+import models_vit
+from util.lars import LARS
+from util.lr_decay import param_groups_lrd, param_groups_weight_decay
+from util.lr_sched import adjust_learning_rate, momentum_at
+
+
+def test_lr_schedule_matches_the_formula():
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-5, warmup_epochs=4, epochs=10)
+    opt = torch.optim.SGD([{'params': [torch.zeros(1, requires_grad=True)]},
+                           {'params': [torch.zeros(1, requires_grad=True)], 'lr_scale': 0.5}], lr=0)
+    steps = 25
+    assert adjust_learning_rate(opt, 0.0, args) == 0.0  # warmup start
+    assert adjust_learning_rate(opt, 2 + 10 / steps, args) == pytest.approx(1e-3 * (2.4 / 4))
+    assert adjust_learning_rate(opt, 4.0, args) == pytest.approx(1e-3)  # warmup end
+    last = 9 + (steps - 1) / steps  # the final step
+    expected = 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (last - 4) / 6))
+    assert adjust_learning_rate(opt, last, args) == pytest.approx(expected)
+    assert opt.param_groups[0]['lr'] == pytest.approx(expected) and opt.param_groups[1]['lr'] == pytest.approx(expected / 2)
+
+
+def test_pretrain_weight_decay_groups():
+    model = models_mae.mae_vit_pico_patch4()
+    no_decay, decay = param_groups_weight_decay(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay['weight_decay'] == 0 and decay['weight_decay'] == 0.05
+    decayed = {names[id(p)] for p in decay['params']}
+    assert {'cls_token', 'mask_token', 'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight'} <= decayed  # ndim >= 2
+    assert all(not n.endswith('.bias') and 'norm' not in n for n in decayed)
+    assert 'pos_embed' not in decayed and 'pos_embed' not in {names[id(p)] for p in no_decay['params']}  # frozen
+
+
+def test_layer_decay_groups():
+    model = models_vit.vit_pico_patch4(num_classes=10)  # depth 4 -> num_layers 5
+    groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.65)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale, wd = {}, {}
+    for g in groups:
+        for p in g['params']:
+            scale[names[id(p)]], wd[names[id(p)]] = g['lr_scale'], g['weight_decay']
+    assert scale['cls_token'] == scale['pos_embed'] == scale['patch_embed.proj.weight'] == pytest.approx(0.65 ** 5)
+    for k in range(4):
+        assert scale[f'blocks.{k}.attn.qkv.weight'] == pytest.approx(0.65 ** (5 - (k + 1)))
+    assert scale['head.weight'] == scale['fc_norm.weight'] == 1.0
+    assert wd['pos_embed'] == wd['cls_token'] == wd['blocks.0.norm1.weight'] == wd['head.bias'] == 0
+    assert wd['blocks.0.attn.qkv.weight'] == wd['head.weight'] == wd['patch_embed.proj.weight'] == 0.05
+
+
+def test_lars_step_matches_the_rule():
+    torch.manual_seed(0)
+    w, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(4)
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    opt = LARS([w, b], lr=0.1, weight_decay=0.01, momentum=0.9, trust_coefficient=0.001)
+    opt.step()
+    dw = gw + 0.01 * w0
+    q = 0.001 * w0.norm() / dw.norm()
+    assert torch.allclose(w.detach(), w0 - 0.1 * dw * q)
+    assert torch.allclose(b.detach(), b0 - 0.1 * gb)  # 1-D: no decay, no trust ratio
+    w.grad, b.grad = gw, gb
+    opt.step()
+    mu = 0.9 * (dw * q) + (gw + 0.01 * (w0 - 0.1 * dw * q)) * (0.001 * (w0 - 0.1 * dw * q).norm() / (gw + 0.01 * (w0 - 0.1 * dw * q)).norm())
+    assert torch.allclose(w.detach(), w0 - 0.1 * dw * q - 0.1 * mu, atol=1e-6)
+
+
+@pytest.mark.parametrize('flags,scale', [([], 1 / 3), (['--inverse_lr'], 3.0), (['--no_lr_scale'], 1.0)])
+def test_crossmae_lr_scaling(flags, scale):
+    args = main_pretrain.get_args_parser().parse_args(['--cross_mae', '--mask_ratio', '0.75', '--kept_mask_ratio', '0.25', *flags])
+    assert main_pretrain.lr_scale(args) == pytest.approx(scale)
+    assert main_pretrain.lr_scale(main_pretrain.get_args_parser().parse_args([])) == 1.0
+
+
+def test_momentum_schedule():
+    assert momentum_at(3.3, 0.996, 10) == 0.996
+    assert momentum_at(0, 0.996, 10, cosine=True) == pytest.approx(0.996)
+    assert momentum_at(5, 0.996, 10, cosine=True) == pytest.approx(0.998)
+    assert momentum_at(10, 0.996, 10, cosine=True) == pytest.approx(1.0)
