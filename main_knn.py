@@ -32,6 +32,8 @@ def get_args_parser():
     parser.add_argument('--cache_data', action='store_true', help='decode the images once and keep them in memory')
     parser.add_argument('--cache_size', default=0, type=int)
     parser.add_argument('--output', default='', help='write the results as a markdown table here')
+    parser.add_argument('--probe_epochs', default=0, type=int,
+                        help='> 0: also a quick linear probe (BatchNorm + Linear, SGD) on the frozen, non-augmented features')
     return misc.add_dist_args(parser)
 
 
@@ -93,6 +95,32 @@ def knn_classify(train_f, train_y, test_f, test_y, ks, temperature=0.07, num_cla
     return {k: (100. * c1 / len(test_f), 100. * c5 / len(test_f)) for k, (c1, c5) in correct.items()}
 
 
+def probe_on_features(train_f, train_y, val_f, val_y, num_classes, epochs, batch_size=256, lr=0.1, seed=0):
+    """A quick linear probe on extracted features (MAE's head, BatchNorm(affine=False) + Linear, trained with SGD,
+    momentum 0.9, cosine lr, no augmentation); -> val top-1 %."""
+    import math
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6),
+                               torch.nn.Linear(train_f.shape[1], num_classes))
+    torch.nn.init.trunc_normal_(head[1].weight, std=0.01, generator=g)
+    torch.nn.init.zeros_(head[1].bias)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    steps = epochs * (len(train_f) // batch_size)
+    for step in range(steps):
+        if step % (len(train_f) // batch_size) == 0:
+            perm = torch.randperm(len(train_f), generator=g)
+        i = perm[(step % (len(train_f) // batch_size)) * batch_size:][:batch_size]
+        for group in opt.param_groups:
+            group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = torch.nn.functional.cross_entropy(head(train_f[i]), train_y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        return 100. * (head(val_f).argmax(1) == val_y).float().mean().item()
+
+
 def evaluate_checkpoint(path, train_set, val_set, args):
     torch.manual_seed(args.seed)  # the untrained encoder is reproducible
     model = create_vit(args.model, img_size=args.input_size, num_classes=0, global_pool=args.pool == 'avg')
@@ -104,6 +132,10 @@ def evaluate_checkpoint(path, train_set, val_set, args):
     res = knn_classify(train_f, train_y, val_f, val_y, args.ks, args.temperature, len(train_set.classes))
     for k, (t1, t5) in res.items():
         print(f'{os.path.basename(path) or "untrained"}: k-NN k={k} top1 {t1:.2f} top5 {t5:.2f}')
+    if args.probe_epochs:
+        res['probe'] = probe_on_features(train_f, train_y, val_f, val_y, len(train_set.classes), args.probe_epochs)
+        print(f'{os.path.basename(path) or "untrained"}: linear probe ({args.probe_epochs} epochs on features) '
+              f'top1 {res["probe"]:.2f}')
     return res
 
 
@@ -124,11 +156,13 @@ def main(args):
     rows = [(p, evaluate_checkpoint(p, train_set, val_set, args)) for p in paths]
     if args.output and misc.is_main_process():
         with open(args.output, 'w') as f:
-            f.write('| checkpoint | ' + ' | '.join(f'k={k} top1 | k={k} top5' for k in args.ks) + ' |\n')
-            f.write('|---|' + '---:|' * (2 * len(args.ks)) + '\n')
+            probe = ' linear probe top1 |' if args.probe_epochs else ''
+            f.write('| checkpoint | ' + ' | '.join(f'k={k} top1 | k={k} top5' for k in args.ks) + ' |' + probe + '\n')
+            f.write('|---|' + '---:|' * (2 * len(args.ks) + bool(probe)) + '\n')
             for p, res in rows:
                 f.write(f'| {os.path.basename(p) or "untrained"} | '
-                        + ' | '.join(f'{res[k][0]:.2f} | {res[k][1]:.2f}' for k in args.ks) + ' |\n')
+                        + ' | '.join(f'{res[k][0]:.2f} | {res[k][1]:.2f}' for k in args.ks) + ' |'
+                        + (f' {res["probe"]:.2f} |' if args.probe_epochs else '') + '\n')
         print(f'wrote {args.output}')
     return rows
 

@@ -98,3 +98,21 @@ def test_contrastive_pretraining_under_torchrun(data_path, tmp_path):
     log = read_log(out / 'log.txt')
     assert all('train_loss_pixel' in r and 'train_loss_contrastive' in r for r in log)
     assert log[-1]['train_loss'] < log[0]['train_loss']
+
+
+def test_cmae_checkpoint_feeds_knn_linprobe_and_finetune(data_path, tmp_path):
+    import main_knn
+    import main_linprobe
+    from conftest import run_script
+    model = small_cmae()
+    path = tmp_path / 'cmae.pth'
+    torch.save({'model': model.state_dict(), 'epoch': 0}, path)
+    common = ['--model', 'vit_pico_patch4', '--input_size', 32, '--data_path', data_path, '--subset', 64,
+              '--val_subset', 30, '--cache_data', '--num_workers', 0]
+    rows = main_knn.main(main_knn.get_args_parser().parse_args([str(a) for a in [*common, '--checkpoint', path, '--ks', 5]]))
+    assert 0 <= rows[0][1][5][0] <= 100
+    run_script(main_linprobe, [*common, '--finetune', path, '--nb_classes', 10, '--batch_size', 16, '--epochs', 1,
+                               '--max_steps_per_epoch', 1, '--warmup_epochs', 0, '--output_dir', tmp_path / 'lp'])
+    ft = tmp_path / 'lp' / 'checkpoint.pth'
+    rows = main_knn.main(main_knn.get_args_parser().parse_args([str(a) for a in [*common, '--checkpoint', ft, '--ks', 5]]))
+    assert 0 <= rows[0][1][5][0] <= 100  # a fine-tuned (probe) checkpoint works for k-NN too

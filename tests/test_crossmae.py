@@ -74,3 +74,15 @@ def test_official_crossmae_keys():
     with torch.device('meta'):
         sa = models_mae.mae_vit_base_patch16(cross_mae=True, weight_fm=True, self_attn=True)
     assert 'decoder_blocks.0.norm0.weight' in sa.state_dict() and 'decoder_blocks.0.self_attn.qkv.weight' in sa.state_dict()
+
+
+def test_flash_attn_flag_falls_back_with_a_message(capsys):
+    import main_pretrain
+    args = main_pretrain.get_args_parser().parse_args(['--model', 'mae_vit_pico_patch4', '--input_size', '32',
+                                                       '--cross_mae', '--flash_attn'])
+    args.device, args.amp = torch.device('cpu'), 'none'
+    model = main_pretrain.build_model(args)
+    assert 'using PyTorch SDPA' in capsys.readouterr().out
+    assert all(m.backend == 'sdpa' for m in model.modules() if hasattr(m, 'backend'))
+    loss, _, _ = model(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(loss)

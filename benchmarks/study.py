@@ -1,0 +1,189 @@
+"""Small-scale study on Imagenette at 64 px with one small ViT: equal pretraining budgets for every method, then
+k-NN (k = 20, 200), a quick linear probe on frozen features and a short fine-tune, against the untrained encoder
+and training from scratch. Writes RESULTS.md with the table, plots and the commands it ran.
+
+    python benchmarks/study.py                                   # every cell (about 2 hours on 2 cores)
+    python benchmarks/study.py --cells mae,untrained,scratch     # a subset; results of other cells are kept
+Each cell's outputs stay in --out_dir/<cell>; a cell whose summary.json exists is not run again (--force reruns).
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = {  # cell: extra pretraining flags
+    'mae': ['--mask_type', 'random'],
+    'colormae_green': ['--mask_type', 'green'],
+    'colormae_red': ['--mask_type', 'red'],
+    'colormae_blue': ['--mask_type', 'blue'],
+    'colormae_purple': ['--mask_type', 'purple'],
+    'crossmae_kept075': ['--cross_mae', '--weight_fm', '--use_input', '--kept_mask_ratio', '0.75'],
+    'crossmae_kept025': ['--cross_mae', '--weight_fm', '--use_input', '--kept_mask_ratio', '0.25', '--no_lr_scale'],
+    'cmae': ['--contrastive', '--mask_type', 'block2x2', '--mask_ratio', '0.65', '--proj_hidden_dim', '768',
+             '--proj_dim', '128'],
+}
+CELLS = list(METHODS) + ['untrained', 'scratch']
+
+
+def get_args():
+    p = argparse.ArgumentParser('Imagenette 64 px study')
+    p.add_argument('--cells', default=','.join(CELLS))
+    p.add_argument('--data_path', default=os.path.join(ROOT, '..', 'shared', 'data', 'imagenette2-224'))
+    p.add_argument('--out_dir', default=os.path.join(ROOT, 'study_runs'))
+    p.add_argument('--results', default=os.path.join(ROOT, 'RESULTS.md'))
+    p.add_argument('--model', default='micro_patch8')
+    p.add_argument('--input_size', default=64, type=int)
+    p.add_argument('--epochs', default=7, type=int, help='pretraining epochs (the same for every method)')
+    p.add_argument('--knn_every', default=0, type=int, help='k-NN every N epochs (default: epochs // 2 and the end)')
+    p.add_argument('--ft_epochs', default=2, type=int)
+    p.add_argument('--probe_epochs', default=30, type=int)
+    p.add_argument('--num_workers', default=2, type=int)
+    p.add_argument('--force', action='store_true')
+    return p.parse_args()
+
+
+def run(cmd, log):
+    print('$', ' '.join(cmd), flush=True)
+    t = time.time()
+    with open(log, 'a') as f:
+        subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+    return time.time() - t
+
+
+def knn(a, ckpt, out, log):
+    cmd = ['main_knn.py', '--model', f'vit_{a.model}', '--input_size', str(a.input_size), '--data_path', a.data_path,
+           '--cache_data', '--num_workers', str(a.num_workers), '--ks', '20', '200', '--probe_epochs',
+           str(a.probe_epochs), '--output', out] + (['--checkpoint', ckpt] if ckpt else [])
+    run(cmd, log)
+    row = open(out).read().strip().splitlines()[-1].strip('|').split('|')
+    return {'knn20': float(row[1]), 'knn200': float(row[3]), 'probe': float(row[5])}, cmd
+
+
+def finetune(a, ckpt, out, log):
+    cmd = ['main_finetune.py', '--model', f'vit_{a.model}', '--input_size', str(a.input_size), '--data_path',
+           a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--nb_classes', '10', '--batch_size',
+           '128', '--epochs', str(a.ft_epochs), '--warmup_epochs', '1', '--blr', '1e-3', '--layer_decay', '0.75',
+           '--drop_path', '0.1', '--mixup', '0.8', '--cutmix', '1.0', '--output_dir', out, '--save_freq', '1000']
+    cmd += ['--finetune', ckpt] if ckpt else []
+    wall = run(cmd, log)
+    return max(r['test_acc1'] for r in map(json.loads, open(os.path.join(out, 'log.txt')))), wall, cmd
+
+
+def run_cell(cell, a):
+    out = os.path.join(a.out_dir, cell)
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, 'study.log')
+    summary = {'cell': cell, 'commands': []}
+    ckpt = ''
+    if cell in METHODS:
+        every = a.knn_every or max(a.epochs // 2, 1)
+        cmd = ['main_pretrain.py', '--model', f'mae_vit_{a.model}', '--input_size', str(a.input_size), '--data_path',
+               a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--norm_pix_loss', '--batch_size',
+               '128', '--blr', '1.5e-3', '--epochs', str(a.epochs), '--warmup_epochs', '1', '--save_freq', str(every),
+               '--vis_freq', '0', '--output_dir', out, *METHODS[cell]]
+        summary['pretrain_wall_s'] = run(cmd, log)
+        summary['commands'].append(cmd)
+        summary['log'] = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
+        summary['knn_curve'] = []
+        ckpts = sorted(glob.glob(os.path.join(out, 'checkpoint-*.pth')), key=lambda p: int(p.split('-')[-1][:-4]))
+        for c in ckpts:
+            res, kcmd = knn(a, c, os.path.join(out, f'knn-{os.path.basename(c)[:-4]}.md'), log)
+            summary['knn_curve'].append({'epoch': int(c.split('-')[-1][:-4]) + 1, **res})
+        summary['commands'].append(kcmd)
+        summary.update(summary['knn_curve'][-1])
+        ckpt = ckpts[-1]
+    elif cell == 'untrained':
+        res, kcmd = knn(a, '', os.path.join(out, 'knn.md'), log)
+        summary.update(res)
+        summary['commands'].append(kcmd)
+    if cell != 'untrained':
+        acc, wall, fcmd = finetune(a, ckpt, os.path.join(out, 'finetune'), log)
+        summary.update(finetune_acc1=acc, finetune_wall_s=wall)
+        summary['commands'].append(fcmd)
+    with open(os.path.join(out, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def write_results(a, summaries):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    docs = os.path.join(ROOT, 'docs')
+    os.makedirs(docs, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for s in summaries:
+        if 'log' in s:
+            key = 'train_loss_pixel' if 'train_loss_pixel' in s['log'][0] else 'train_loss'
+            ax1.plot([r['epoch'] + 1 for r in s['log']], [r[key] for r in s['log']], label=s['cell'])
+            ax2.plot([r['epoch'] for r in s['knn_curve']], [r['knn20'] for r in s['knn_curve']], 'o-', label=s['cell'])
+    for s in summaries:
+        if s['cell'] == 'untrained':
+            ax2.axhline(s['knn20'], color='gray', ls='--', label='untrained encoder')
+    ax2.axhline(37, color='k', ls=':', label='raw pixels (dataset README)')
+    ax1.set(xlabel='epoch', ylabel='pixel loss (norm_pix)', title='pretraining loss')
+    ax2.set(xlabel='pretraining epoch', ylabel='k-NN top-1 (k=20), %', title='k-NN on Imagenette val')
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(docs, 'study_curves.png'), dpi=80)
+    rows = []
+    for s in summaries:
+        f = lambda k, fmt='{:.2f}': fmt.format(s[k]) if k in s else '–'  # noqa: E731
+        rows.append(f"| {s['cell']} | {f('pretrain_wall_s', '{:.0f}')} | {f('knn20')} | {f('knn200')} | {f('probe')} | "
+                    f"{f('finetune_acc1')} | {f('finetune_wall_s', '{:.0f}')} |")
+    commands = '\n'.join(' '.join(['python', *c]) for s in summaries for c in s['commands'])
+    missing = [c for c in CELLS if c not in {s['cell'] for s in summaries}]
+    text = f"""# Results: a small-scale study on Imagenette at {a.input_size} px
+
+Every number here was measured by `python benchmarks/study.py` (the commands each cell ran are listed below) on
+2 CPU cores, fp32, with `mae_vit_{a.model}` / `vit_{a.model}` ({a.input_size} px, patch 8). Pretraining: the
+same budget for every method, {a.epochs} epochs over the 9,469 training images, batch 128, blr 1.5e-3,
+norm_pix_loss. Evaluation on the 3,925 validation images: weighted k-NN (cosine, T = 0.07, mean-pooled patch
+tokens + fc_norm), a quick linear probe (BatchNorm + Linear on frozen, non-augmented features, SGD,
+{a.probe_epochs} epochs), and a {a.ft_epochs}-epoch fine-tune (layer decay 0.75, mixup/cutmix, RandAugment)
+compared with training the same ViT from scratch for the same epochs. Floors from the dataset README: raw
+pixels 36–38% k-NN, a random ViT-Tiny/8 about 32%.
+
+| cell | pretrain wall-clock (s) | k-NN k=20 | k-NN k=200 | linear probe | fine-tune top-1 | fine-tune wall-clock (s) |
+|---|---:|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+{'Cells not run yet: ' + ', '.join(missing) + '.' if missing else 'All cells were run.'}
+
+![curves](docs/study_curves.png)
+
+Commands:
+
+```
+{commands}
+```
+"""
+    with open(a.results, 'w') as fh:
+        fh.write(text)
+    print(f'wrote {a.results}')
+
+
+def main():
+    a = get_args()
+    unknown = [c for c in a.cells.split(',') if c not in CELLS]
+    if unknown:
+        sys.exit(f'error: unknown cells {unknown}; choose from {CELLS}')
+    os.makedirs(a.out_dir, exist_ok=True)
+    for cell in a.cells.split(','):
+        done = os.path.join(a.out_dir, cell, 'summary.json')
+        if a.force or not os.path.exists(done):
+            shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)  # a fresh run, not a resume
+            run_cell(cell, a)
+    summaries = [json.load(open(os.path.join(a.out_dir, c, 'summary.json'))) for c in CELLS
+                 if os.path.exists(os.path.join(a.out_dir, c, 'summary.json'))]
+    write_results(a, summaries)
+
+
+if __name__ == '__main__':
+    main()
