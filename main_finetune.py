@@ -161,6 +161,18 @@ def checkpoint_args(args):
     return {k: v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v) for k, v in vars(args).items()}
 
 
+def place(model, args):
+    """Moves the model to the device, sets args.lr from blr and wraps the model in DDP when distributed.
+    -> (model to train, model_without_ddp)"""
+    model.to(args.device)
+    print(f'model: {args.model}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3f}M trainable')
+    set_lr(args)
+    if args.distributed:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if args.device.type == 'cuda' else None), model
+    return model, model
+
+
 def set_lr(args):
     eff_batch = args.batch_size * args.accum_iter * misc.get_world_size()
     if args.lr is None:
@@ -183,12 +195,7 @@ def main(args):
     if args.finetune and not args.eval:
         load_encoder(model, args.finetune)
         models_vit.init_head(model, std=2e-5)  # as MAE: a tiny head keeps the start close to the features
-    model.to(args.device)
-    model_without_ddp = model
-    print(f'model: {args.model}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable')
-    set_lr(args)
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    model, model_without_ddp = place(model, args)
     param_groups = param_groups_lrd(model_without_ddp, args.weight_decay, layer_decay=args.layer_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
     if mixup_fn is not None:

@@ -8,7 +8,8 @@ import argparse
 import torch
 
 import util.misc as misc
-from main_finetune import add_common_args, build_data, run, set_lr, setup
+import models_vit
+from main_finetune import add_common_args, build_data, place, run, setup
 from util.datasets import linprobe_transform
 from util.lars import LARS
 from util.pretrained import create_vit, load_encoder
@@ -27,20 +28,14 @@ def main(args):
     model = create_vit(args.model, img_size=args.input_size, num_classes=args.nb_classes, global_pool=args.global_pool)
     if args.finetune and not args.eval:
         load_encoder(model, args.finetune)
-    torch.nn.init.trunc_normal_(model.head.weight, std=0.01)
-    torch.nn.init.zeros_(model.head.bias)
+    models_vit.init_head(model, std=0.01)
     # MoCo v3 / MAE: BatchNorm without affine before the linear head, which stays a linear classifier
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for p in model.parameters():
         p.requires_grad = False
     for p in model.head.parameters():
         p.requires_grad = True
-    model.to(args.device)
-    model_without_ddp = model
-    print(f'model: {args.model}, {sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters')
-    set_lr(args)
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    model, model_without_ddp = place(model, args)
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     run(args, model, model_without_ddp, optimizer, torch.nn.CrossEntropyLoss(), loader_train, loader_val)
 

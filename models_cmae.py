@@ -92,12 +92,8 @@ class ContrastiveMAE(MaskedAutoencoderViT):
 
     def forward_feature_decoder(self, latent, ids_restore):
         """latent: [N, 1 + len_keep, D] -> mean over all patch positions of the decoded features [N, D]"""
-        x = self.feat_decoder_embed(latent)
-        n, _, dd = x.shape
-        mask_tokens = self.feat_decoder_mask_token.expand(n, ids_restore.shape[1] + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        x = self.restore_tokens(self.feat_decoder_embed(latent), self.feat_decoder_mask_token, ids_restore)
+        x = x + self.decoder_pos_embed
         for blk in self.feat_decoder_blocks:
             x = blk(x)
         x = self.feat_decoder_pred(self.feat_decoder_norm(x))
@@ -114,13 +110,7 @@ class ContrastiveMAE(MaskedAutoencoderViT):
     def forward(self, imgs, target_imgs, mask_ratio=0.65, noise=None, kept_mask_ratio=None):
         """imgs: online view, target_imgs: shifted, color-augmented view, both [N, C, H, W].
         -> loss, pred, mask, {'loss_pixel', 'loss_contrastive'}"""
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        if self.cross_mae:
-            kept = mask_ratio if kept_mask_ratio is None else kept_mask_ratio
-            pred, mask = self.forward_cross_decoder(latent, ids_restore, mask_ratio, kept)
-        else:
-            pred = self.forward_decoder(latent, ids_restore)
-        loss_pixel = self.forward_loss(imgs, pred, mask)
+        loss_pixel, pred, mask, latent, ids_restore = self.forward_masked(imgs, mask_ratio, noise, kept_mask_ratio)
         tokens = latent[-1] if isinstance(latent, list) else latent  # weight_fm: the last block's raw output
         q = self.predictor(self.projector(self.forward_feature_decoder(tokens, ids_restore)))
         with torch.no_grad():

@@ -241,14 +241,18 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, x, ids_restore):
-        """MAE decoder. x: [N, 1 + len_keep, D] -> pred [N, L, p*p*C]"""
-        x = self.decoder_embed(x)
+    @staticmethod
+    def restore_tokens(x, mask_token, ids_restore):
+        """x: [N, 1 + len_keep, Dd] -> [N, 1 + L, Dd]: mask tokens appended, patch tokens back in patch order."""
         n, _, dd = x.shape
-        mask_tokens = self.mask_token.expand(n, ids_restore.shape[1] + 1 - x.shape[1], -1)
+        mask_tokens = mask_token.expand(n, ids_restore.shape[1] + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # unshuffle
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        return torch.cat([x[:, :1, :], x_], dim=1)
+
+    def forward_decoder(self, x, ids_restore):
+        """MAE decoder. x: [N, 1 + len_keep, D] -> pred [N, L, p*p*C]"""
+        x = self.restore_tokens(self.decoder_embed(x), self.mask_token, ids_restore) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))
@@ -286,16 +290,19 @@ class MaskedAutoencoderViT(nn.Module):
         loss = loss.mean(dim=-1)  # [N, L], mean loss per patch
         return (loss * mask).sum() / mask.sum().clamp_min(1)  # mean over counted patches; 0 when none
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None, kept_mask_ratio=None):
-        """imgs: [N, C, H, W]; noise: optional [N, L] scores (lowest kept). -> loss, pred [N, L, p*p*C], mask [N, L]"""
+    def forward_masked(self, imgs, mask_ratio, noise=None, kept_mask_ratio=None):
+        """Encode the visible patches, decode, pixel loss. -> loss, pred, mask, latent, ids_restore"""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         if self.cross_mae:
             kept = mask_ratio if kept_mask_ratio is None else kept_mask_ratio
             pred, mask = self.forward_cross_decoder(latent, ids_restore, mask_ratio, kept)
         else:
             pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
+        return self.forward_loss(imgs, pred, mask), pred, mask, latent, ids_restore
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, kept_mask_ratio=None):
+        """imgs: [N, C, H, W]; noise: optional [N, L] scores (lowest kept). -> loss, pred [N, L, p*p*C], mask [N, L]"""
+        return self.forward_masked(imgs, mask_ratio, noise, kept_mask_ratio)[:3]
 
 
 # --- factories: standard sizes (decoder 512 wide, 8 deep, 16 heads unless overridden)
