@@ -106,7 +106,8 @@ def check_args(args):
         args.kept_mask_ratio = args.mask_ratio
     if args.kept_mask_ratio != args.mask_ratio and not args.cross_mae:
         raise misc.UserError('--kept_mask_ratio (partial reconstruction) needs --cross_mae')
-    if not 0 < args.kept_mask_ratio <= args.mask_ratio if args.mask_ratio > 0 else args.kept_mask_ratio != 0:
+    valid_kept = 0 < args.kept_mask_ratio <= args.mask_ratio or args.kept_mask_ratio == args.mask_ratio == 0
+    if not valid_kept:
         raise misc.UserError(f'--kept_mask_ratio must be in (0, mask_ratio={args.mask_ratio}], got {args.kept_mask_ratio}')
     if (args.weight_fm or args.use_input or args.self_attn) and not args.cross_mae:
         raise misc.UserError('--weight_fm, --use_input and --self_attn belong to the CrossMAE decoder: add --cross_mae')

@@ -4,7 +4,8 @@ and training from scratch. Writes RESULTS.md with the table, plots and the comma
 
     python benchmarks/study.py                                   # every cell (about 2 hours on 2 cores)
     python benchmarks/study.py --cells mae,untrained,scratch     # a subset; results of other cells are kept
-Each cell's outputs stay in --out_dir/<cell>; a cell whose summary.json exists is not run again (--force reruns).
+Each cell's outputs stay in --out_dir/<cell>; a cell whose summary.json exists is not run again (--force reruns
+it from scratch); an interrupted cell keeps its finished pretraining and k-NN results.
 """
 import argparse
 import glob
@@ -56,10 +57,12 @@ def run(cmd, log):
 
 
 def knn(a, ckpt, out, log):
+    """k-NN and quick probe of one checkpoint (kept in `out` and not run again)."""
     cmd = ['main_knn.py', '--model', f'vit_{a.model}', '--input_size', str(a.input_size), '--data_path', a.data_path,
            '--cache_data', '--num_workers', str(a.num_workers), '--ks', '20', '200', '--probe_epochs',
            str(a.probe_epochs), '--output', out] + (['--checkpoint', ckpt] if ckpt else [])
-    run(cmd, log)
+    if not os.path.exists(out):
+        run(cmd, log)
     row = open(out).read().strip().splitlines()[-1].strip('|').split('|')
     return {'knn20': float(row[1]), 'knn200': float(row[3]), 'probe': float(row[5])}, cmd
 
@@ -70,6 +73,7 @@ def finetune(a, ckpt, out, log):
            '128', '--epochs', str(a.ft_epochs), '--warmup_epochs', '1', '--blr', '1e-3', '--layer_decay', '0.75',
            '--drop_path', '0.1', '--mixup', '0.8', '--cutmix', '1.0', '--output_dir', out, '--save_freq', '1000']
     cmd += ['--finetune', ckpt] if ckpt else []
+    shutil.rmtree(out, ignore_errors=True)  # always a fresh fine-tune, never a resume
     wall = run(cmd, log)
     return max(r['test_acc1'] for r in map(json.loads, open(os.path.join(out, 'log.txt')))), wall, cmd
 
@@ -86,7 +90,11 @@ def run_cell(cell, a):
                a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--norm_pix_loss', '--batch_size',
                '128', '--blr', '1.5e-3', '--epochs', str(a.epochs), '--warmup_epochs', '1', '--save_freq', str(every),
                '--vis_freq', '0', '--output_dir', out, *METHODS[cell]]
-        summary['pretrain_wall_s'] = run(cmd, log)
+        wall_file = os.path.join(out, 'pretrain_wall_s.txt')
+        if not os.path.exists(wall_file):  # a cell interrupted later on keeps its pretraining
+            with open(wall_file, 'w') as f:
+                f.write(str(run(cmd, log)))
+        summary['pretrain_wall_s'] = float(open(wall_file).read())
         summary['commands'].append(cmd)
         summary['log'] = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
         summary['knn_curve'] = []
@@ -177,8 +185,9 @@ def main():
     os.makedirs(a.out_dir, exist_ok=True)
     for cell in a.cells.split(','):
         done = os.path.join(a.out_dir, cell, 'summary.json')
-        if a.force or not os.path.exists(done):
-            shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)  # a fresh run, not a resume
+        if a.force:
+            shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)
+        if not os.path.exists(done):
             run_cell(cell, a)
     summaries = [json.load(open(os.path.join(a.out_dir, c, 'summary.json'))) for c in CELLS
                  if os.path.exists(os.path.join(a.out_dir, c, 'summary.json'))]

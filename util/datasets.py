@@ -80,13 +80,33 @@ def eval_transform(input_size):
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
+class RedrawOnValueError:
+    """Runs a random transform again when it raises ValueError. timm's RandAugment ('inc1' policies) asks PIL
+    for posterize(bits=0) at magnitude 10, which PIL >= 10 refuses (older PIL returned a black image); with
+    'mstd0.5' that happens to about 0.1% of images. Redrawing the augmentation keeps the recipe running."""
+
+    def __init__(self, transform, attempts=5):
+        self.transform, self.attempts = transform, attempts
+
+    def __call__(self, img):
+        for attempt in range(self.attempts):
+            try:
+                return self.transform(img)
+            except ValueError:
+                if attempt == self.attempts - 1:
+                    raise
+
+    def __repr__(self):
+        return f'RedrawOnValueError({self.transform!r})'
+
+
 def finetune_transform(args):
     """timm's training transform: RandAugment, bicubic RandomResizedCrop, flip, RandomErasing."""
     from timm.data import create_transform
-    return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+    return RedrawOnValueError(create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
                             auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
                             re_mode=args.remode, re_count=args.recount,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
 
 
 def linprobe_transform(input_size):

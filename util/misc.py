@@ -205,6 +205,8 @@ def _fail(args, e, code):
     if getattr(args, 'debug', False):
         raise e
     msg = str(e).strip() or type(e).__name__
+    if 'Original Traceback' in msg:  # raised in a DataLoader worker: its last line says what happened
+        msg = msg.splitlines()[-1]
     _builtin_print(f'error: {msg}', file=sys.stderr, flush=True)
     sys.exit(code)
 
