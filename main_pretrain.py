@@ -205,9 +205,12 @@ def main(args):
             loss_scaler.load_state_dict(ckpt.get('scaler'))
             start_step = ckpt.get('step_in_epoch', 0)
             args.start_epoch = ckpt['epoch'] + (0 if start_step else 1)
-            if 'rng' in ckpt and misc.get_rank() == 0:
-                set_rng_state(ckpt['rng'])
-            mask_state = ckpt.get('mask_gen')
+            ranks = ckpt.get('rank_states', [])
+            if len(ranks) == misc.get_world_size():  # each process continues its own RNG and mask streams
+                set_rng_state(ranks[misc.get_rank()]['rng'])
+                mask_state = ranks[misc.get_rank()]['mask_gen']
+            else:
+                print(f'{path} was written by {len(ranks)} processes: RNG and mask streams start afresh from the seed')
         print(f'resumed from {path}: epoch {args.start_epoch}, step {start_step}')
 
     log_writer = None
@@ -220,9 +223,13 @@ def main(args):
 
     def checkpoint(epoch, step_in_epoch=0):
         """epoch: the last complete epoch, or the one in progress when step_in_epoch > 0."""
+        ranks = [{'rng': rng_state(), 'mask_gen': mask_gen.state_dict()}]
+        if args.distributed:  # a collective: every process calls checkpoint()
+            ranks = [None] * misc.get_world_size()
+            torch.distributed.all_gather_object(ranks, {'rng': rng_state(), 'mask_gen': mask_gen.state_dict()})
         state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                 'step_in_epoch': step_in_epoch, 'scaler': loss_scaler.state_dict(), 'rng': rng_state(),
-                 'mask_gen': mask_gen.state_dict(), 'args': checkpoint_args(args)}
+                 'step_in_epoch': step_in_epoch, 'scaler': loss_scaler.state_dict(), 'rank_states': ranks,
+                 'args': checkpoint_args(args)}
         save_on_master(state, os.path.join(args.output_dir, 'checkpoint.pth'))
         return state
 

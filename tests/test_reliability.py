@@ -260,3 +260,18 @@ def test_randaugment_posterize_at_magnitude_10_does_not_stop_fine_tuning():
     random.seed(0)
     for _ in range(3000):  # with these seeds the bare timm transform raises within these draws
         assert t(img).shape == (3, 32, 32)
+
+
+def test_two_process_resume_is_bit_identical(data_path, tmp_path):
+    """Every process stores and restores its own RNG and mask streams (a constant lr keeps the schedule
+    independent of --epochs, so a 2-epoch run continued to 3 equals a 3-epoch run)."""
+    common = [*PICO, '--data_path', data_path, '--subset', 128, '--batch_size', 16, '--max_steps_per_epoch', 2,
+              '--lr', 1e-3, '--min_lr', 1e-3, '--warmup_epochs', 0, '--mask_type', 'green', '--vis_freq', 0]
+    torchrun('main_pretrain.py', [*common, '--epochs', 3, '--output_dir', tmp_path / 'a'])
+    torchrun('main_pretrain.py', [*common, '--epochs', 2, '--output_dir', tmp_path / 'b'])
+    torchrun('main_pretrain.py', [*common, '--epochs', 3, '--output_dir', tmp_path / 'b'])
+    a, b = load_state(tmp_path / 'a' / 'checkpoint.pth'), load_state(tmp_path / 'b' / 'checkpoint.pth')
+    assert len(b['rank_states']) == 2
+    assert not torch.equal(b['rank_states'][0]['mask_gen']['rng_state'], b['rank_states'][1]['mask_gen']['rng_state'])
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
