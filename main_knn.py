@@ -2,7 +2,8 @@
 
     python main_knn.py --model vit_base_patch16 --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet
     torchrun --nproc_per_node=2 main_knn.py --model vit_micro_patch8 --input_size 64 --checkpoint runs/ --output knn.md
-A folder as --checkpoint evaluates every *.pth in it and writes a table; no --checkpoint: the untrained encoder.
+Several checkpoints (or a folder: every *.pth in it) are evaluated on one decoding of the data and written as a
+table with --output; no --checkpoint: the untrained encoder.
 """
 import argparse
 import os
@@ -20,7 +21,8 @@ from util.pretrained import create_vit, load_encoder
 def get_args_parser():
     parser = argparse.ArgumentParser('k-NN evaluation of frozen features', add_help=True)
     parser.add_argument('--model', default='vit_base_patch16', help='fine-tune factory (or the mae_vit_* name)')
-    parser.add_argument('--checkpoint', default='', help='checkpoint, or a folder of them (*.pth); empty: untrained')
+    parser.add_argument('--checkpoint', default=[''], nargs='*',
+                        help='checkpoints and/or folders of them (*.pth), features of the data decoded once; none: untrained')
     parser.add_argument('--input_size', default=224, type=int)
     parser.add_argument('--pool', default='avg', choices=['avg', 'cls'], help='avg: fc_norm(mean of patch tokens); cls: norm(x)[:, 0]')
     parser.add_argument('--ks', default=[10, 20, 100, 200], type=int, nargs='+', help='numbers of neighbours')
@@ -142,13 +144,15 @@ def evaluate_checkpoint(path, train_set, val_set, args):
 def main(args):
     misc.init_distributed_mode(args)
     misc.resolve_amp(args)
-    if args.checkpoint and os.path.isdir(args.checkpoint):
-        paths = sorted((os.path.join(args.checkpoint, f) for f in os.listdir(args.checkpoint) if f.endswith('.pth')),
-                       key=lambda p: os.path.getmtime(p))
-        if not paths:
-            raise misc.UserError(f'no *.pth checkpoints in {args.checkpoint}')
-    else:
-        paths = [args.checkpoint]
+    paths = []
+    for c in args.checkpoint or ['']:
+        if c and os.path.isdir(c):
+            found = sorted((os.path.join(c, f) for f in os.listdir(c) if f.endswith('.pth')), key=os.path.getmtime)
+            if not found:
+                raise misc.UserError(f'no *.pth checkpoints in {c}')
+            paths += found
+        else:
+            paths.append(c)
     transform = eval_transform(args.input_size)
     train_set = build_image_dataset(args, 'train', transform, cache=args.cache_data)
     val_set = build_image_dataset(args, 'val', transform, cache=args.cache_data)

@@ -56,15 +56,16 @@ def run(cmd, log):
     return time.time() - t
 
 
-def knn(a, ckpt, out, log):
-    """k-NN and quick probe of one checkpoint (kept in `out` and not run again)."""
+def knn(a, ckpts, out, log):
+    """k-NN and quick probe of checkpoints (one decoding of the data; the table in `out` is not computed again).
+    -> one result dict per checkpoint, the command"""
     cmd = ['main_knn.py', '--model', f'vit_{a.model}', '--input_size', str(a.input_size), '--data_path', a.data_path,
            '--cache_data', '--num_workers', str(a.num_workers), '--ks', '20', '200', '--probe_epochs',
-           str(a.probe_epochs), '--output', out] + (['--checkpoint', ckpt] if ckpt else [])
+           str(a.probe_epochs), '--output', out] + (['--checkpoint', *ckpts] if ckpts else [])
     if not os.path.exists(out):
         run(cmd, log)
-    row = open(out).read().strip().splitlines()[-1].strip('|').split('|')
-    return {'knn20': float(row[1]), 'knn200': float(row[3]), 'probe': float(row[5])}, cmd
+    rows = [r.strip('|').split('|') for r in open(out).read().strip().splitlines()[2:]]
+    return [{'knn20': float(r[1]), 'knn200': float(r[3]), 'probe': float(r[5])} for r in rows], cmd
 
 
 def finetune(a, ckpt, out, log):
@@ -97,17 +98,15 @@ def run_cell(cell, a):
         summary['pretrain_wall_s'] = float(open(wall_file).read())
         summary['commands'].append(cmd)
         summary['log'] = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
-        summary['knn_curve'] = []
         ckpts = sorted(glob.glob(os.path.join(out, 'checkpoint-*.pth')), key=lambda p: int(p.split('-')[-1][:-4]))
-        for c in ckpts:
-            res, kcmd = knn(a, c, os.path.join(out, f'knn-{os.path.basename(c)[:-4]}.md'), log)
-            summary['knn_curve'].append({'epoch': int(c.split('-')[-1][:-4]) + 1, **res})
+        results, kcmd = knn(a, ckpts, os.path.join(out, 'knn.md'), log)
+        summary['knn_curve'] = [{'epoch': int(c.split('-')[-1][:-4]) + 1, **r} for c, r in zip(ckpts, results)]
         summary['commands'].append(kcmd)
         summary.update(summary['knn_curve'][-1])
         ckpt = ckpts[-1]
     elif cell == 'untrained':
-        res, kcmd = knn(a, '', os.path.join(out, 'knn.md'), log)
-        summary.update(res)
+        res, kcmd = knn(a, [], os.path.join(out, 'knn.md'), log)
+        summary.update(res[0])
         summary['commands'].append(kcmd)
     if cell != 'untrained':
         acc, wall, fcmd = finetune(a, ckpt, os.path.join(out, 'finetune'), log)

@@ -1,4 +1,6 @@
 """k-NN, reconstruction figures and attention rollout."""
+import os
+
 import torch
 from PIL import Image
 
@@ -100,3 +102,16 @@ def test_rollout_maps(pico_pretrained, data_path, tmp_path):
         ['--rollout', '--checkpoint', str(pico_pretrained / 'checkpoint.pth'), '--out', str(out), '--num_images', '2',
          '--data_path', data_path]))
     assert out.stat().st_size > 5000
+
+
+def test_knn_over_a_folder_of_checkpoints_writes_a_table(pico_pretrained, data_path, tmp_path):
+    out = tmp_path / 'knn.md'
+    args = main_knn.get_args_parser().parse_args([str(a) for a in [
+        '--model', 'vit_pico_patch4', '--input_size', 32, '--subset', 200, '--val_subset', 100, '--cache_data',
+        '--num_workers', 0, '--ks', 10, 20, '--checkpoint', pico_pretrained, '--output', out, '--probe_epochs', 5,
+        '--data_path', data_path]])
+    rows = main_knn.main(args)
+    names = sorted(p.name for p in pico_pretrained.glob('*.pth'))
+    assert sorted(os.path.basename(p) for p, _ in rows) == names
+    lines = out.read_text().strip().splitlines()
+    assert len(lines) == 2 + len(names) and 'linear probe top1' in lines[0]
