@@ -144,7 +144,9 @@ def write_results(a, summaries):
         f = lambda k, fmt='{:.2f}': fmt.format(s[k]) if k in s else '–'  # noqa: E731
         rows.append(f"| {s['cell']} | {f('pretrain_wall_s', '{:.0f}')} | {f('knn20')} | {f('knn200')} | {f('probe')} | "
                     f"{f('finetune_acc1')} | {f('finetune_wall_s', '{:.0f}')} |")
-    commands = '\n'.join(' '.join(['python', *c]) for s in summaries for c in s['commands'])
+    commands = '\n'.join(' '.join(['python', *c]) for s in summaries for c in s['commands']).replace(ROOT + '/', '')
+    notes = [f"- {s['cell']}: {open(os.path.join(a.out_dir, s['cell'], 'note.txt')).read().strip()}" for s in summaries
+             if os.path.exists(os.path.join(a.out_dir, s['cell'], 'note.txt'))]
     missing = [c for c in CELLS if c not in {s['cell'] for s in summaries}]
     text = f"""# Results: a small-scale study on Imagenette at {a.input_size} px
 
@@ -161,7 +163,9 @@ pixels 36–38% k-NN, a random ViT-Tiny/8 about 32%.
 |---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-{'Cells not run yet: ' + ', '.join(missing) + '.' if missing else 'All cells were run.'}
+{'Cells not run yet: ' + ', '.join(missing) + '.' if missing else 'All cells were run.'} Wall-clock times are single runs on a
+shared 2-core machine (other work sometimes ran beside them): compare them loosely.
+{chr(10).join(notes)}
 
 ![curves](docs/study_curves.png)
 
