@@ -4,8 +4,6 @@ import itertools
 import math
 from contextlib import nullcontext
 
-import torch
-
 import util.lr_sched as lr_sched
 import util.misc as misc
 

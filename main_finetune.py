@@ -20,7 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from util.checkpoint import check_output_dir, load_checkpoint, resume_path, rng_state, save_on_master, set_rng_state
+from util.checkpoint import check_output_dir, resume_path, rng_state, save_on_master, set_rng_state
 from util.datasets import build_image_dataset, build_loader, eval_transform, finetune_transform
 from util.lr_decay import param_groups_lrd
 from util.pretrained import create_vit, load_encoder, load_exact

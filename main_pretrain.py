@@ -233,10 +233,9 @@ def main(args):
         save_on_master(state, os.path.join(args.output_dir, 'checkpoint.pth'))
         return state
 
-    after_step = None
-    if args.contrastive:
-        def after_step(epoch_float):  # EMA of the target branch after each optimizer step
-            model_without_ddp.update_target(momentum_at(epoch_float, args.momentum, args.epochs, args.momentum_cosine))
+    def update_target(epoch_float):  # CMAE: EMA of the target branch after each optimizer step
+        model_without_ddp.update_target(momentum_at(epoch_float, args.momentum, args.epochs, args.momentum_cosine))
+    after_step = update_target if args.contrastive else None
 
     print(f'start training for {args.epochs} epochs')
     start_time, mask_gen, vis_imgs = time.time(), None, None

@@ -13,9 +13,8 @@ import masking
 import util.misc as misc
 from main_pretrain import build_model
 from main_pretrain import get_args_parser as pretrain_parser
-from models_vit import PRETRAIN_ONLY
 from util.checkpoint import load_checkpoint, model_state
-from util.datasets import IMAGENET_DEFAULT_MEAN, balanced_subset, build_dataset, eval_transform
+from util.datasets import balanced_subset, build_dataset, eval_transform
 from util.pretrained import create_vit, load_encoder
 from util.rollout import attention_maps, rollout
 from util.visualize import reconstruct, save_figure, to_pixels

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 import models_vit  # noqa: E402
-from util.datasets import build_image_dataset, eval_transform, pretrain_transform  # noqa: E402
+from util.datasets import build_image_dataset, pretrain_transform  # noqa: E402
 
 
 def loader_rate(ds, args, batches):

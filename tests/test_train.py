@@ -2,7 +2,6 @@
 import pytest
 
 import main_finetune
-import main_linprobe
 import main_pretrain
 from conftest import PICO, read_log, run_script, torchrun
 

@@ -186,7 +186,6 @@ def add_dist_args(parser):
 def run_main(main, args):
     """Runs main(args). Input errors become one line on stderr and exit status 2, a non-finite loss exit
     status 1; tracebacks only with --debug."""
-    import sys
     try:
         main(args)
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
