@@ -101,8 +101,8 @@ def reconstruction_figure(args):
 
 
 def rollout_figure(args):
-    name = args.model or architecture(args, load_checkpoint(args.checkpoint).get('args')).model
-    size = args.input_size or architecture(args, load_checkpoint(args.checkpoint).get('args')).input_size
+    cfg = architecture(args, load_checkpoint(args.checkpoint).get('args'))  # flags given here take precedence
+    name, size = cfg.model, cfg.input_size
     model = create_vit(name, img_size=size, num_classes=0, global_pool=False)
     load_encoder(model, args.checkpoint)
     imgs = load_images(args, size)
