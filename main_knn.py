@@ -20,7 +20,10 @@ from util.pretrained import create_vit, load_encoder
 
 def get_args_parser():
     parser = argparse.ArgumentParser('k-NN evaluation of frozen features', add_help=True)
-    parser.add_argument('--model', default='vit_base_patch16', help='fine-tune factory (or the mae_vit_* name)')
+    parser.add_argument('--model', default='vit_base_patch16',
+                        help="fine-tune factory (or the mae_vit_* name); 'pixels': the raw-pixel floor (no encoder)")
+    parser.add_argument('--pixel_size', default=32, type=int,
+                        help='--model pixels: images average-pooled to this size, flattened and mean-centred')
     parser.add_argument('--checkpoint', default=[''], nargs='*',
                         help='checkpoints and/or folders of them (*.pth), features of the data decoded once; none: untrained')
     parser.add_argument('--input_size', default=224, type=int)
@@ -51,10 +54,16 @@ class Indexed(torch.utils.data.Dataset):
         return x, y, i
 
 
+def raw_pixels(x, size):
+    """The floor every encoder must clear: x: [N, 3, H, W] -> [N, 3 * size * size], each row mean-centred."""
+    f = F.adaptive_avg_pool2d(x, size).flatten(1)
+    return f - f.mean(dim=1, keepdim=True)
+
+
 @torch.no_grad()
-def extract_features(model, dataset, args, pool):
-    """-> L2-normalized features [len, D] and labels [len], identical on every process (sharded extraction)."""
-    model.eval()
+def extract_features(embed, dataset, args):
+    """embed: images [N, 3, H, W] -> features [N, D].
+    -> L2-normalized features [len, D] and labels [len], identical on every process (sharded extraction)."""
     sampler = torch.utils.data.DistributedSampler(Indexed(dataset), num_replicas=args.world_size, rank=args.rank,
                                                   shuffle=False)
     loader = torch.utils.data.DataLoader(Indexed(dataset), sampler=sampler, batch_size=args.batch_size,
@@ -62,7 +71,7 @@ def extract_features(model, dataset, args, pool):
     feats, labels, index = [], [], []
     for x, y, i in loader:
         with misc.autocast(args):
-            f = forward_features_pooled(model, x.to(args.device, non_blocking=True), pool)
+            f = embed(x.to(args.device, non_blocking=True))
         feats.append(f.float().cpu())
         labels.append(y)
         index.append(i)
@@ -123,20 +132,30 @@ def probe_on_features(train_f, train_y, val_f, val_y, num_classes, epochs, batch
         return 100. * (head(val_f).argmax(1) == val_y).float().mean().item()
 
 
+def name(path, args):
+    return os.path.basename(path) or ('pixels' if args.model == 'pixels' else 'untrained')
+
+
 def evaluate_checkpoint(path, train_set, val_set, args):
-    torch.manual_seed(args.seed)  # the untrained encoder is reproducible
-    model = create_vit(args.model, img_size=args.input_size, num_classes=0, global_pool=args.pool == 'avg')
-    if path:
-        load_encoder(model, path)
-    model.to(args.device)
-    train_f, train_y = extract_features(model, train_set, args, args.pool)
-    val_f, val_y = extract_features(model, val_set, args, args.pool)
+    if args.model == 'pixels':
+        if path:
+            raise misc.UserError('--model pixels takes no --checkpoint')
+        embed = lambda x: raw_pixels(x, args.pixel_size)  # noqa: E731
+    else:
+        torch.manual_seed(args.seed)  # the untrained encoder is reproducible
+        model = create_vit(args.model, img_size=args.input_size, num_classes=0, global_pool=args.pool == 'avg')
+        if path:
+            load_encoder(model, path)
+        model.to(args.device).eval()
+        embed = lambda x: forward_features_pooled(model, x, args.pool)  # noqa: E731
+    train_f, train_y = extract_features(embed, train_set, args)
+    val_f, val_y = extract_features(embed, val_set, args)
     res = knn_classify(train_f, train_y, val_f, val_y, args.ks, args.temperature, len(train_set.classes))
     for k, (t1, t5) in res.items():
-        print(f'{os.path.basename(path) or "untrained"}: k-NN k={k} top1 {t1:.2f} top5 {t5:.2f}')
+        print(f'{name(path, args)}: k-NN k={k} top1 {t1:.2f} top5 {t5:.2f}')
     if args.probe_epochs:
         res['probe'] = probe_on_features(train_f, train_y, val_f, val_y, len(train_set.classes), args.probe_epochs)
-        print(f'{os.path.basename(path) or "untrained"}: linear probe ({args.probe_epochs} epochs on features) '
+        print(f'{name(path, args)}: linear probe ({args.probe_epochs} epochs on features) '
               f'top1 {res["probe"]:.2f}')
     return res
 
@@ -164,7 +183,7 @@ def main(args):
             f.write('| checkpoint | ' + ' | '.join(f'k={k} top1 | k={k} top5' for k in args.ks) + ' |' + probe + '\n')
             f.write('|---|' + '---:|' * (2 * len(args.ks) + bool(probe)) + '\n')
             for p, res in rows:
-                f.write(f'| {os.path.basename(p) or "untrained"} | '
+                f.write(f'| {name(p, args)} | '
                         + ' | '.join(f'{res[k][0]:.2f} | {res[k][1]:.2f}' for k in args.ks) + ' |'
                         + (f' {res["probe"]:.2f} |' if args.probe_epochs else '') + '\n')
         print(f'wrote {args.output}')

@@ -44,6 +44,18 @@ def test_knn_untrained_real_data_reproducible_and_distributed(data_path, tmp_pat
     assert one.read_text() == two.read_text()
 
 
+def test_raw_pixel_floor(data_path):
+    x = torch.rand(2, 3, 32, 32)
+    f = main_knn.raw_pixels(x, 16)
+    assert f.shape == (2, 3 * 16 * 16)
+    assert torch.allclose(f.mean(1), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(f[0, 0] + x[0].mean(), x[0, 0, :2, :2].mean())  # 2x2 average, then centred
+    args = main_knn.get_args_parser().parse_args([str(a) for a in [*KNN, '--data_path', data_path, '--model', 'pixels',
+                                                                   '--pixel_size', 16, '--ks', 20]])
+    (name, res), = main_knn.main(args)
+    assert 15 <= res[20][0] <= 60, res  # chance is 10%
+
+
 def test_reconstruction_figure_beats_mean_colour(pico_pretrained, data_path, tmp_path):
     out = tmp_path / 'recon.png'
     args = main_visualize.get_args_parser().parse_args(
