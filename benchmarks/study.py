@@ -64,7 +64,8 @@ def run(cmd, log):
 def knn(a, ckpts, out, log, model_args=None):
     """k-NN and quick probe of checkpoints (one decoding of the data; the table in `out` is not computed again).
     -> one result dict per checkpoint, the command"""
-    cmd = ['main_knn.py', *(model_args or ['--model', f'vit_{a.model}']), '--input_size', str(a.input_size), '--data_path', a.data_path,
+    cmd = ['main_knn.py', *(model_args or ['--model', f'vit_{a.model}']), '--input_size', str(a.input_size),
+           '--data_path', a.data_path,
            '--cache_data', '--num_workers', str(a.num_workers), '--ks', '20', '200', '--probe_epochs',
            str(a.probe_epochs), '--output', out] + (['--checkpoint', *ckpts] if ckpts else [])
     if not os.path.exists(out):
@@ -139,6 +140,33 @@ def rerun(a):
           f"{r['knn20'] - r['knn20_study']:+.2f})")
 
 
+def reading_of(summaries, reruns):
+    """What the table says, computed from it (so it stays true when cells are re-run)."""
+    by = {s['cell']: s for s in summaries}
+    lines = []
+    if 'mae' in by and FLOORS.keys() <= by.keys():
+        floor = max(FLOORS, key=lambda c: by[c]['knn20'])
+        lines.append(f"- MAE k-NN (k=20) {by['mae']['knn20']:.2f} vs the best floor, {floor}, "
+                     f"{by[floor]['knn20']:.2f}: "
+                     f"{'above' if by['mae']['knn20'] > by[floor]['knn20'] else 'NOT above'}.")
+    if 'scratch' in by:
+        ft = [c for c in METHODS if c in by]
+        worse = [c for c in ft if by[c]['finetune_acc1'] <= by['scratch']['finetune_acc1']]
+        lines.append(f"- Fine-tune top-1 from scratch {by['scratch']['finetune_acc1']:.2f}; from pretraining "
+                     f"{min(by[c]['finetune_acc1'] for c in ft):.2f}–{max(by[c]['finetune_acc1'] for c in ft):.2f}"
+                     + (f"; not above scratch: {', '.join(worse)}." if worse else ': every method above scratch.'))
+    if 'mae' in by:
+        for word, pick in (('above', lambda d: d > 0), ('not above', lambda d: d <= 0)):
+            cells = [f"{c} ({by[c]['knn20'] - by['mae']['knn20']:+.2f})" for c in METHODS
+                     if c in by and c != 'mae' and pick(by[c]['knn20'] - by['mae']['knn20'])]
+            lines.append(f"- k-NN (k=20) {word} MAE-random: {', '.join(cells) or 'none'}.")
+    seeds = [abs(r['knn20'] - r['knn20_study']) for r in reruns if r['seed'] != 0]
+    if seeds:
+        lines.append(f"- Another pretraining seed moved k-NN (k=20) by {max(seeds):.2f} points: differences between "
+                     f"cells smaller than that are within seed noise.")
+    return '\n'.join(lines)
+
+
 def write_results(a, summaries):
     import matplotlib
     matplotlib.use('Agg')
@@ -174,6 +202,7 @@ def write_results(a, summaries):
                            f"{r['knn20'] - r['knn20_study']:+.2f} | {r['knn200_study']:.2f} | {r['knn200']:.2f} | "
                            f"{r['knn200'] - r['knn200_study']:+.2f} |" for r in reruns)
     rerun_commands = '\n'.join(' '.join(['python', *c]) for r in reruns for c in r['commands'])
+    reading = reading_of(summaries, reruns)
     text = f"""# Results: a small-scale study on Imagenette at {a.input_size} px
 
 Every number here was measured by `python benchmarks/study.py` (the commands each cell ran are listed below) on
@@ -193,6 +222,7 @@ flattened, mean-centred).
 
 {'Cells not run yet: ' + ', '.join(missing) + '.' if missing else 'All cells were run.'} Wall-clock times are single runs on a
 shared 2-core machine (other work sometimes ran beside them): compare them loosely.
+{reading}
 {chr(10).join(notes)}
 
 ![curves](docs/study_curves.png)
