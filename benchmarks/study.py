@@ -31,6 +31,10 @@ METHODS = {  # cell: extra pretraining flags
 }
 FLOORS = {'untrained': [], 'pixels16': ['--pixel_size', '16'], 'pixels32': ['--pixel_size', '32']}  # k-NN only
 CELLS = list(METHODS) + list(FLOORS) + ['scratch']
+COLORS = {'mae': 'black', 'colormae_green': 'tab:green', 'colormae_red': 'tab:red', 'colormae_blue': 'tab:blue',
+          'colormae_purple': 'tab:purple', 'crossmae_kept075': 'tab:orange', 'crossmae_kept025': 'tab:brown',
+          'cmae': 'tab:cyan'}
+FLOORS_STYLE = {'untrained': '--', 'pixels16': ':', 'pixels32': '-.'}
 
 
 def get_args():
@@ -162,9 +166,9 @@ def reading_of(summaries, reruns):
             lines.append(f"- k-NN (k=20) {word} MAE-random: {', '.join(cells) or 'none'}.")
     seeds = [abs(r['knn20'] - r['knn20_study']) for r in reruns if r['seed'] != 0]
     if seeds:
-        lines.append(f"- Another pretraining seed moved k-NN (k=20) by {max(seeds):.2f} points: differences between "
-                     f"cells smaller than that are within seed noise.")
-    return '\n'.join(lines)
+        lines.append(f"- Another pretraining seed moved MAE's k-NN (k=20) by {max(seeds):.2f} points ({len(seeds)} "
+                     f"rerun{'s' * (len(seeds) > 1)}): single runs do not resolve differences of that size.")
+    return 'Reading the table (computed from it):\n\n' + '\n'.join(lines) if lines else ''
 
 
 def write_results(a, summaries):
@@ -177,11 +181,13 @@ def write_results(a, summaries):
     for s in summaries:
         if 'log' in s:
             key = 'train_loss_pixel' if 'train_loss_pixel' in s['log'][0] else 'train_loss'
-            ax1.plot([r['epoch'] + 1 for r in s['log']], [r[key] for r in s['log']], label=s['cell'])
-            ax2.plot([r['epoch'] for r in s['knn_curve']], [r['knn20'] for r in s['knn_curve']], 'o-', label=s['cell'])
-    for s, style in zip(summaries, ['--', ':', '-.'] * 3):
+            c = COLORS.get(s['cell'])
+            ax1.plot([r['epoch'] + 1 for r in s['log']], [r[key] for r in s['log']], color=c, label=s['cell'])
+            ax2.plot([r['epoch'] for r in s['knn_curve']], [r['knn20'] for r in s['knn_curve']], 'o-', color=c,
+                     label=s['cell'])
+    for s in summaries:
         if s['cell'] in FLOORS:
-            ax2.axhline(s['knn20'], color='gray', ls=style, label=s['cell'])
+            ax2.axhline(s['knn20'], color='gray', ls=FLOORS_STYLE[s['cell']], label=s['cell'])
     ax1.set(xlabel='epoch', ylabel='pixel loss (norm_pix)', title='pretraining loss')
     ax2.set(xlabel='pretraining epoch', ylabel='k-NN top-1 (k=20), %', title='k-NN on Imagenette val')
     ax1.legend(fontsize=7)
@@ -201,7 +207,7 @@ def write_results(a, summaries):
     rerun_rows = '\n'.join(f"| {r['cell']} | {r['seed']} | {r['knn20_study']:.2f} | {r['knn20']:.2f} | "
                            f"{r['knn20'] - r['knn20_study']:+.2f} | {r['knn200_study']:.2f} | {r['knn200']:.2f} | "
                            f"{r['knn200'] - r['knn200_study']:+.2f} |" for r in reruns)
-    rerun_commands = '\n'.join(' '.join(['python', *c]) for r in reruns for c in r['commands'])
+    rerun_commands = '\n'.join(' '.join(['python', *c]) for r in reruns for c in r['commands']).replace(ROOT + '/', '')
     reading = reading_of(summaries, reruns)
     text = f"""# Results: a small-scale study on Imagenette at {a.input_size} px
 
@@ -222,8 +228,9 @@ flattened, mean-centred).
 
 {'Cells not run yet: ' + ', '.join(missing) + '.' if missing else 'All cells were run.'} Wall-clock times are single runs on a
 shared 2-core machine (other work sometimes ran beside them): compare them loosely.
-{reading}
 {chr(10).join(notes)}
+
+{reading}
 
 ![curves](docs/study_curves.png)
 
