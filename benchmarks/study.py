@@ -227,8 +227,7 @@ flattened, mean-centred).
 {chr(10).join(rows)}
 
 {'Cells not run yet: ' + ', '.join(missing) + '.' if missing else 'All cells were run.'} Wall-clock times are single runs on a
-shared 2-core machine (other work sometimes ran beside them): compare them loosely.
-{chr(10).join(notes)}
+shared 2-core machine (other work sometimes ran beside them): compare them loosely.{''.join(chr(10) + n for n in notes)}
 
 {reading}
 
