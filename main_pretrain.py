@@ -225,8 +225,8 @@ def main(args):
         """epoch: the last complete epoch, or the one in progress when step_in_epoch > 0."""
         ranks = [{'rng': rng_state(), 'mask_gen': mask_gen.state_dict()}]
         if args.distributed:  # a collective: every process calls checkpoint()
-            ranks = [None] * misc.get_world_size()
-            torch.distributed.all_gather_object(ranks, {'rng': rng_state(), 'mask_gen': mask_gen.state_dict()})
+            mine, ranks = ranks[0], [None] * misc.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
         state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
                  'step_in_epoch': step_in_epoch, 'scaler': loss_scaler.state_dict(), 'rank_states': ranks,
                  'args': checkpoint_args(args)}

@@ -29,7 +29,11 @@ METHODS = {  # cell: extra pretraining flags
     'cmae': ['--contrastive', '--mask_type', 'block2x2', '--mask_ratio', '0.65', '--proj_hidden_dim', '768',
              '--proj_dim', '128'],
 }
-FLOORS = {'untrained': [], 'pixels16': ['--pixel_size', '16'], 'pixels32': ['--pixel_size', '32']}  # k-NN only
+FLOORS = {  # cell: main_knn.py model flags (None: the study's ViT, untrained); k-NN only
+    'untrained': None,
+    'pixels16': ['--model', 'pixels', '--pixel_size', '16'],
+    'pixels32': ['--model', 'pixels', '--pixel_size', '32'],
+}
 CELLS = list(METHODS) + list(FLOORS) + ['scratch']
 COLORS = {'mae': 'black', 'colormae_green': 'tab:green', 'colormae_red': 'tab:red', 'colormae_blue': 'tab:blue',
           'colormae_purple': 'tab:purple', 'crossmae_kept075': 'tab:orange', 'crossmae_kept025': 'tab:brown',
@@ -69,9 +73,8 @@ def knn(a, ckpts, out, log, model_args=None):
     """k-NN and quick probe of checkpoints (one decoding of the data; the table in `out` is not computed again).
     -> one result dict per checkpoint, the command"""
     cmd = ['main_knn.py', *(model_args or ['--model', f'vit_{a.model}']), '--input_size', str(a.input_size),
-           '--data_path', a.data_path,
-           '--cache_data', '--num_workers', str(a.num_workers), '--ks', '20', '200', '--probe_epochs',
-           str(a.probe_epochs), '--output', out] + (['--checkpoint', *ckpts] if ckpts else [])
+           '--data_path', a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--ks', '20', '200',
+           '--probe_epochs', str(a.probe_epochs), '--output', out] + (['--checkpoint', *ckpts] if ckpts else [])
     if not os.path.exists(out):
         run(cmd, log)
     rows = [r.strip('|').split('|') for r in open(out).read().strip().splitlines()[2:]]
@@ -114,8 +117,7 @@ def run_cell(cell, a, out, with_finetune=True):
         summary.update(summary['knn_curve'][-1])
         ckpt = ckpts[-1]
     elif cell in FLOORS:
-        model_args = ['--model', 'pixels', *FLOORS[cell]] if cell.startswith('pixels') else None
-        res, kcmd = knn(a, [], os.path.join(out, 'knn.md'), log, model_args)
+        res, kcmd = knn(a, [], os.path.join(out, 'knn.md'), log, FLOORS[cell])
         summary.update(res[0])
         summary['commands'].append(kcmd)
     if cell not in FLOORS and with_finetune:

@@ -103,10 +103,10 @@ class RedrawOnValueError:
 def finetune_transform(args):
     """timm's training transform: RandAugment, bicubic RandomResizedCrop, flip, RandomErasing."""
     from timm.data import create_transform
-    return RedrawOnValueError(create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-                            auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
-                            re_mode=args.remode, re_count=args.recount,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
+    return RedrawOnValueError(create_transform(
+        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation='bicubic', re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
 
 
 def linprobe_transform(input_size):
