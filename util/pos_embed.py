@@ -30,20 +30,24 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     return emb
 
 
-def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1):
-    """pos_embed: [1, T + G, D] on a square or rectangular old grid -> [1, T + gh*gw, D] (bicubic on the grid).
+def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens=1, old_grid=None):
+    """pos_embed: [1, T + G, D] on old_grid -> [1, T + gh*gw, D] (bicubic on the grid).
 
-    The prefix (cls) rows are kept as they are. The old grid is taken as square unless it cannot be.
+    The prefix (cls) rows are kept as they are. Without old_grid the old grid is taken as square.
     """
     gh, gw = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     n_old, dim = grid.shape[1], grid.shape[2]
-    if n_old == gh * gw:
+    if old_grid is None:
+        if n_old == gh * gw:
+            return pos_embed
+        old = int(round(n_old ** 0.5))
+        if old * old != n_old:
+            raise ValueError(f'cannot resize a position embedding of {n_old} non-square grid positions')
+        old_grid = (old, old)
+    if tuple(old_grid) == (gh, gw):
         return pos_embed
-    old = int(round(n_old ** 0.5))
-    if old * old != n_old:
-        raise ValueError(f'cannot resize a position embedding of {n_old} non-square grid positions')
-    grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(gh, gw), mode='bicubic', align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)

@@ -1,0 +1,252 @@
+"""Segmentation transfer: metrics against an independent computation, UperNet shapes, checkpoint loading,
+dataset errors, and end-to-end runs (one process, torchrun, kill and resume, --eval)."""
+import math
+import os
+import signal
+import subprocess
+import sys
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import models_cmae
+import models_mae
+import models_seg
+import models_vit
+from conftest import ROOT, read_log, torchrun
+from util.seg_metrics import confusion_matrix, segmentation_metrics
+
+K = 4  # synthetic classes
+
+
+def reference_metrics(pred, gt, k, ignore=255):
+    """Per-class IoU / Acc, aAcc and mIoU by counting pixels in python (nan: class in neither map)."""
+    pred, gt = pred.ravel().tolist(), gt.ravel().tolist()
+    pairs = [(g, p) for g, p in zip(gt, pred) if g != ignore]
+    iou, acc = [], []
+    for c in range(k):
+        tp = sum(1 for g, p in pairs if g == c and p == c)
+        fp = sum(1 for g, p in pairs if g != c and p == c)
+        fn = sum(1 for g, p in pairs if g == c and p != c)
+        iou.append(100 * tp / (tp + fp + fn) if tp + fp + fn else math.nan)
+        acc.append(100 * tp / (tp + fn) if tp + fn else math.nan)
+    valid = [v for v in iou if not math.isnan(v)]
+    return iou, acc, sum(valid) / len(valid), 100 * sum(1 for g, p in pairs if g == p) / len(pairs)
+
+
+def test_metrics_equal_an_independent_count():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randint(0, 3, (3, 17, 23), generator=g)  # class 3 is never labelled ...
+    pred = torch.randint(0, 3, (3, 17, 23), generator=g)  # ... nor predicted -> nan, out of the mean
+    gt[torch.rand(gt.shape, generator=g) < 0.2] = 255  # ignored pixels, whatever is predicted there
+    pred[0, :4] = 3 * (gt[0, :4] == 255)  # predictions of class 3 only on ignored pixels: still absent
+    m = segmentation_metrics(confusion_matrix(pred, gt, K))
+    iou, acc, miou, aacc = reference_metrics(pred.numpy(), gt.numpy(), K)
+    assert math.isnan(m['iou'][3]) and math.isnan(iou[3])
+    np.testing.assert_allclose(m['iou'][:3], iou[:3], rtol=1e-12)
+    np.testing.assert_allclose(m['acc'][:3], acc[:3], rtol=1e-12)
+    assert m['miou'] == pytest.approx(miou, rel=1e-12) and m['aacc'] == pytest.approx(aacc, rel=1e-12)
+    # a class predicted but never labelled has IoU 0 (not nan) and counts in the mean
+    pred[1, 0, 0], gt[1, 0, 0] = 3, 0
+    m = segmentation_metrics(confusion_matrix(pred, gt, K))
+    assert m['iou'][3] == 0 and math.isnan(m['acc'][3])
+    assert m['miou'] == pytest.approx(reference_metrics(pred.numpy(), gt.numpy(), K)[2], rel=1e-12)
+
+
+def tiny(patch, img_size, **kw):
+    return models_seg.UperNetViT(5, img_size=img_size, patch_size=patch, embed_dim=48, depth=4, num_heads=3,
+                                 channels=16, aux_channels=8, **kw)
+
+
+@pytest.mark.parametrize('patch', [8, 16])
+@pytest.mark.parametrize('size', [64, 96, 128])
+def test_upernet_shapes(patch, size):
+    model = tiny(patch, 64).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out, aux = model(x, with_aux=True)
+        levels = model.neck(model.forward_features(x))
+    assert out.shape == aux.shape == (2, 5, size, size)
+    assert [tuple(f.shape[2:]) for f in levels] == [(size * 4 // patch // s,) * 2 for s in (1, 2, 4, 8)]
+    if patch == 16:  # strides 4, 8, 16, 32 of the input
+        assert [size // f.shape[-1] for f in levels] == [4, 8, 16, 32]
+
+
+def test_every_parameter_learns_and_out_indices():
+    model = tiny(8, 32, rel_pos_bias=True)
+    assert models_seg.default_out_indices(12) == (3, 5, 7, 11) and models_seg.default_out_indices(24) == (5, 11, 17, 23)
+    assert model.out_indices == (0, 1, 2, 3)
+    out, aux = model(torch.randn(2, 3, 40, 56), with_aux=True)  # not a multiple of the patch: padded, cropped
+    assert out.shape == (2, 5, 40, 56)
+    (out.square().mean() + aux.square().mean()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_relative_position_bias_zero_init_is_a_no_op_and_resizes():
+    torch.manual_seed(0)
+    a, b = tiny(8, 32).eval(), tiny(8, 32, rel_pos_bias=True).eval()
+    models_seg.load_pretrained(b, a.state_dict())
+    b.load_state_dict({k: v for k, v in a.state_dict().items()}, strict=False)
+    x = torch.randn(1, 3, 48, 40)  # another grid than the 4x4 the tables were made for
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+        for blk in b.blocks:
+            blk.attn.relative_position_bias_table.normal_()
+        bias = b.blocks[0].attn.relative_position_bias((4, 4))
+        table, index = b.blocks[0].attn.relative_position_bias_table, models_seg.relative_position_index(4, 4)
+        assert bias.shape == (3, 17, 17) and torch.equal(bias[:, 1, 2], table[index[1, 2]])
+        assert index[1, 2] == index[5, 6] and index[0, 3] == 49 and index[3, 0] == 50 and index[0, 0] == 51
+        assert b(x).shape == (1, 5, 48, 40)
+
+
+PICO_ENC = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)
+
+
+@pytest.mark.parametrize('kind', ['mae', 'crossmae', 'cmae', 'finetuned'])
+def test_checkpoints_load_at_another_resolution(kind):
+    if kind == 'mae':
+        src = models_mae.mae_vit_pico_patch4()
+    elif kind == 'crossmae':
+        src = models_mae.mae_vit_pico_patch4(cross_mae=True, weight_fm=True, use_input=True)
+    elif kind == 'cmae':
+        src = models_cmae.cmae_model('mae_vit_pico_patch4', proj_hidden_dim=32, proj_dim=16)
+    else:
+        src = models_vit.vit_pico_patch4(num_classes=10)
+    sd = src.state_dict()
+    assert ('norm.weight' in sd) == (kind in ('mae', 'cmae'))  # CrossMAE: no final norm; fine-tuned: fc_norm
+    seg = models_seg.upernet_vit('vit_pico_patch4', 11, img_size=64, channels=16, aux_channels=8)  # 16x16 grid, not 8x8
+    ignored, missing = models_seg.load_pretrained(seg, sd)
+    assert missing == []
+    assert torch.equal(seg.blocks[3].mlp.fc2.weight, sd['blocks.3.mlp.fc2.weight'])
+    assert seg.pos_embed.shape == (1, 257, 96)
+    torch.testing.assert_close(seg.pos_embed[:, :1], sd['pos_embed'][:, :1])
+    assert not any(k.startswith(models_seg.ENCODER_KEYS) for k in ignored)
+
+
+def test_another_architecture_is_refused():
+    seg = models_seg.upernet_vit('vit_pico_patch4', 11, img_size=32, channels=16, aux_channels=8)
+    wide = models_vit.vision_transformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3)
+    deep = models_vit.vision_transformer(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)
+    with pytest.raises(ValueError, match='another architecture.*shapes'):
+        models_seg.load_pretrained(seg, wide.state_dict())
+    with pytest.raises(ValueError, match='unexpected.*blocks.4'):
+        models_seg.load_pretrained(seg, deep.state_dict())
+    with pytest.raises(ValueError, match='no ViT encoder keys'):
+        models_seg.load_pretrained(seg, {'conv1.weight': torch.zeros(3)})
+
+
+# ---------------------------------------------------------------- data and end to end
+
+def make_dataset(root, n=(8, 4, 4), size=(40, 56)):
+    """A synthetic dataset in the `folder` layout: a bright square of class 1-3 on a class-0 background,
+    with a void border; the image shows the class as a colour."""
+    colours = np.array([[20, 20, 20], [220, 40, 40], [40, 220, 40], [40, 40, 220]], dtype=np.uint8)
+    rng = np.random.RandomState(0)
+    for split, count in zip(('train', 'val', 'test'), n):
+        os.makedirs(root / split / 'images')
+        os.makedirs(root / split / 'masks')
+        for i in range(count):
+            h, w = size
+            label = np.zeros((h, w), dtype=np.uint8)
+            y, x, s = rng.randint(0, h // 2), rng.randint(0, w // 2), rng.randint(8, h // 2)
+            label[y:y + s, x:x + s] = 1 + i % 3
+            label[:2] = 255
+            img = colours[np.where(label == 255, 0, label)] + rng.randint(0, 20, (h, w, 3)).astype(np.uint8)
+            Image.fromarray(img).save(root / split / 'images' / f'f{i:03d}.jpg')
+            Image.fromarray(label).save(root / split / 'masks' / f'f{i:03d}.png')
+    (root / 'classes.txt').write_text('background\nred\ngreen\nblue\n')
+    return root
+
+
+SEG = ['--model', 'vit_pico_patch4', '--input_size', 32, '--base_size', 32, '--head_channels', 16, '--aux_channels', 8,
+       '--batch_size', 4, '--blr', 0.05, '--warmup_iters', 2, '--num_workers', 0, '--print_freq', 1, '--seed', 0]
+
+
+def run_seg(capsys, argv):
+    """main_segmentation in this process, as its command line runs it -> (exit code, stdout, stderr)"""
+    import main_segmentation
+    import util.misc as misc
+    capsys.readouterr()
+    args = main_segmentation.get_args_parser().parse_args([str(a) for a in argv])
+    try:
+        misc.run_main(main_segmentation.main, args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def miou_line(text):
+    return [line for line in text.splitlines() if '* mIoU' in line][-1].split('* ')[-1]
+
+
+def test_train_torchrun_eval_and_same_miou(tmp_path, capsys):
+    data = make_dataset(tmp_path / 'data')
+    out = tmp_path / 'run'
+    torchrun('main_segmentation.py', [*SEG, '--data_path', data, '--epochs', 3, '--batch_size', 2, '--output_dir', out])
+    log = read_log(out / 'log.txt')
+    assert [r['epoch'] for r in log] == [0, 1, 2] and 'test_miou' in log[-1] and len(log[-1]['test_iou']) == 4
+    assert Image.open(out / 'predictions.png').size[1] == 2 * 180  # rank 0's two test images
+    evaluate = [*SEG, '--data_path', data, '--eval', '--resume', out / 'checkpoint.pth', '--output_dir', '']
+    code, one, _ = run_seg(capsys, evaluate)
+    assert code == 0 and '| blue |' in one
+    assert float(miou_line(one).split()[1]) == pytest.approx(log[-1]['test_miou'], abs=0.005)  # = 2 processes
+    _, batched, _ = run_seg(capsys, [*evaluate, '--eval_batch_size', 4])  # images of one size in one forward
+    assert abs(float(miou_line(batched).split()[1]) - float(miou_line(one).split()[1])) < 0.5
+    slide = ['--slide', '--crop_size', 24, '--stride', 16]
+    two = torchrun('main_segmentation.py', [*evaluate, *slide])
+    assert miou_line(two.stdout) == miou_line(run_seg(capsys, [*evaluate, *slide])[1])
+
+
+def test_killed_mid_epoch_resumes(tmp_path):
+    data = make_dataset(tmp_path / 'data', n=(16, 2, 2))
+    out = tmp_path / 'kill'
+    argv = [sys.executable, str(ROOT / 'main_segmentation.py'), *map(str, [*SEG, '--data_path', data, '--epochs', 3,
+                                                                       '--batch_size', 2, '--output_dir', out])]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    for line in p.stdout:  # steps print one by one (--print_freq 1): kill at step 2 of epoch 1
+        if 'Epoch: [1] [2/' in line:
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert 'at epoch 1' in again.stdout and [r['epoch'] for r in read_log(out / 'log.txt')] == [0, 1, 2]
+
+
+@pytest.mark.parametrize('case', ['missing_mask', 'size', 'label', 'layout', 'architecture'])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
+    data = make_dataset(tmp_path / 'data', n=(4, 2, 2))
+    argv = [*SEG, '--data_path', data, '--epochs', 1, '--output_dir', tmp_path / 'out']
+    if case == 'missing_mask':
+        os.remove(data / 'train' / 'masks' / 'f002.png')
+        expect = 'no mask for image .*f002.jpg'
+    elif case == 'size':
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(data / 'test' / 'masks' / 'f001.png')
+        expect = 'mask .*test/masks/f001.png is 10x10 but its image .*f001.jpg is 56x40'
+    elif case == 'label':
+        label = np.array(Image.open(data / 'train' / 'masks' / 'f000.png'))
+        label[5, 5] = 7
+        Image.fromarray(label).save(data / 'train' / 'masks' / 'f000.png')
+        expect = 'mask .*f000.png holds label 7, outside \\[0, 4\\)'
+    elif case == 'layout':
+        os.rename(data / 'test' / 'masks', data / 'test' / 'labels')
+        expect = 'test/masks is not a folder'
+    else:
+        torch.save({'model': models_vit.vision_transformer(img_size=32, patch_size=4, embed_dim=48, depth=2,
+                                                           num_heads=3).state_dict()}, tmp_path / 'other.pth')
+        argv += ['--finetune', tmp_path / 'other.pth']
+        expect = 'other.pth: checkpoint encoder does not fit this model'
+    code, out, err = run_seg(capsys, argv)
+    assert code == 2, out[-2000:] + err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    import re
+    assert re.search(expect, lines[0]), lines[0]
