@@ -29,15 +29,18 @@ from util.seg_datasets import EvalTransform, SegmentationDataset, TrainTransform
 def get_args_parser():
     parser = argparse.ArgumentParser('UperNet semantic segmentation on a ViT', add_help=True)
     # --- model
-    parser.add_argument('--model', default='vit_base_patch16', help=f'encoder: {", ".join(models_seg.CONFIGS)}')
-    parser.add_argument('--input_size', default=512, type=int, help='training crop size (pixels)')
+    parser.add_argument('--model', default=None, help=f'encoder: {", ".join(models_seg.CONFIGS)} (default '
+                        'vit_base_patch16; the architecture flags default to a resumed checkpoint\'s args)')
+    parser.add_argument('--input_size', default=None, type=int, help='training crop size (default 512)')
     parser.add_argument('--finetune', default='', help='pretrained checkpoint for the encoder (MAE, CrossMAE, CMAE, fine-tuned)')
     parser.add_argument('--out_indices', default=None, type=int, nargs=4,
                         help='blocks feeding the neck (default 3 5 7 11 for depth 12, else evenly spaced)')
-    parser.add_argument('--rel_pos_bias', action='store_true', help='relative position bias in attention (zero-init)')
-    parser.add_argument('--head_channels', default=768, type=int, help='UperNet width')
-    parser.add_argument('--aux_channels', default=256, type=int, help='auxiliary FCN head width')
-    parser.add_argument('--aux_weight', default=0.4, type=float, help='auxiliary loss weight (0: no auxiliary head)')
+    parser.add_argument('--rel_pos_bias', action='store_true', default=None,
+                        help='relative position bias in attention (zero-init)')
+    parser.add_argument('--head_channels', default=None, type=int, help='UperNet width (default 768)')
+    parser.add_argument('--aux_channels', default=None, type=int, help='auxiliary FCN head width (default 256)')
+    parser.add_argument('--aux_weight', default=None, type=float, help='auxiliary loss weight (default 0.4; 0: no '
+                        'auxiliary head)')
     parser.add_argument('--drop_path', default=0.1, type=float)
     # --- optimization: AdamW with layer decay, linear warmup then poly decay per iteration
     parser.add_argument('--batch_size', default=2, type=int, help='per process (effective = batch_size * accum_iter * world)')
@@ -81,7 +84,24 @@ def get_args_parser():
     return parser
 
 
+ARCH_DEFAULTS = dict(model='vit_base_patch16', input_size=512, head_channels=768, aux_channels=256, aux_weight=0.4,
+                     rel_pos_bias=False, out_indices=None)
+
+
+def resolve_arch(args):
+    """Architecture flags not given: from the args stored in the checkpoint to resume (or evaluate), else defaults."""
+    path, stored = resume_path(args), {}
+    if path and any(getattr(args, k) is None for k in ARCH_DEFAULTS):
+        ckpt = load_checkpoint(path)
+        stored = ckpt.get('args') or {} if isinstance(ckpt, dict) else {}
+        stored = stored if isinstance(stored, dict) else vars(stored)
+    for k, default in ARCH_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, stored.get(k, default))
+
+
 def check_args(args):
+    resolve_arch(args)
     if args.model not in models_seg.CONFIGS:
         raise misc.UserError(f'unknown --model {args.model!r}; choose from: {", ".join(models_seg.CONFIGS)}')
     patch = models_seg.CONFIGS[args.model]['patch_size']

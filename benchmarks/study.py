@@ -58,6 +58,14 @@ def get_args():
     p.add_argument('--rerun', default='', help='run this method cell again (pretraining + k-NN, same command) in '
                    '<out_dir>/rerun-<cell>-seed<seed> and report the k-NN difference')
     p.add_argument('--seed', default=0, type=int, help='pretraining seed (the study itself uses 0)')
+    # --- segmentation transfer: UperNet fine-tuned on CamVid from a cell's final checkpoint (or random init)
+    p.add_argument('--seg', action='store_true', help='run the segmentation column (only it) and update its section')
+    p.add_argument('--seg_cells', default='mae,random', help='method cells (pretrained first if needed) and random')
+    p.add_argument('--seg_seeds', default='0,1', help='fine-tuning seeds of each segmentation cell')
+    p.add_argument('--seg_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'camvid'))
+    p.add_argument('--seg_size', default=96, type=int, help='crop = short side of the rescaled CamVid frames')
+    p.add_argument('--seg_epochs', default=4, type=int)
+    p.add_argument('--device', default='auto', help='auto, cuda or cpu (for every script the study runs)')
     return p.parse_args()
 
 
@@ -69,12 +77,18 @@ def run(cmd, log):
     return time.time() - t
 
 
+def device_args(a):
+    """--device for every script the study runs (left out for auto: the commands stay as they were)"""
+    return [] if a.device == 'auto' else ['--device', a.device]
+
+
 def knn(a, ckpts, out, log, model_args=None):
     """k-NN and quick probe of checkpoints (one decoding of the data; the table in `out` is not computed again).
     -> one result dict per checkpoint, the command"""
     cmd = ['main_knn.py', *(model_args or ['--model', f'vit_{a.model}']), '--input_size', str(a.input_size),
            '--data_path', a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--ks', '20', '200',
            '--probe_epochs', str(a.probe_epochs), '--output', out] + (['--checkpoint', *ckpts] if ckpts else [])
+    cmd += device_args(a)
     if not os.path.exists(out):
         run(cmd, log)
     rows = [r.strip('|').split('|') for r in open(out).read().strip().splitlines()[2:]]
@@ -86,10 +100,27 @@ def finetune(a, ckpt, out, log):
            a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--nb_classes', '10', '--batch_size',
            '128', '--epochs', str(a.ft_epochs), '--warmup_epochs', '1', '--blr', '1e-3', '--layer_decay', '0.75',
            '--drop_path', '0.1', '--mixup', '0.8', '--cutmix', '1.0', '--output_dir', out, '--save_freq', '1000']
-    cmd += ['--finetune', ckpt] if ckpt else []
+    cmd += (['--finetune', ckpt] if ckpt else []) + device_args(a)
     shutil.rmtree(out, ignore_errors=True)  # always a fresh fine-tune, never a resume
     wall = run(cmd, log)
     return max(r['test_acc1'] for r in map(json.loads, open(os.path.join(out, 'log.txt')))), wall, cmd
+
+
+def pretrain(cell, a, out, log):
+    """The method cell's pretraining (skipped when done before) -> (wall-clock seconds, command)"""
+    os.makedirs(out, exist_ok=True)
+    every = a.knn_every or max(a.epochs // 2, 1)
+    cmd = ['main_pretrain.py', '--model', f'mae_vit_{a.model}', '--input_size', str(a.input_size), '--data_path',
+           a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--norm_pix_loss', '--batch_size',
+           '128', '--blr', '1.5e-3', '--epochs', str(a.epochs), '--warmup_epochs', '1', '--save_freq', str(every),
+           '--vis_freq', '0', '--output_dir', out, *METHODS[cell]] + (['--seed', str(a.seed)] if a.seed else [])
+    cmd += device_args(a)
+    wall_file = os.path.join(out, 'pretrain_wall_s.txt')
+    if not os.path.exists(wall_file):  # a cell interrupted later on keeps its pretraining
+        wall = run(cmd, log)
+        with open(wall_file, 'w') as f:
+            f.write(str(wall))
+    return float(open(wall_file).read()), cmd
 
 
 def run_cell(cell, a, out, with_finetune=True):
@@ -98,16 +129,7 @@ def run_cell(cell, a, out, with_finetune=True):
     summary = {'cell': cell, 'commands': []}
     ckpt = ''
     if cell in METHODS:
-        every = a.knn_every or max(a.epochs // 2, 1)
-        cmd = ['main_pretrain.py', '--model', f'mae_vit_{a.model}', '--input_size', str(a.input_size), '--data_path',
-               a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--norm_pix_loss', '--batch_size',
-               '128', '--blr', '1.5e-3', '--epochs', str(a.epochs), '--warmup_epochs', '1', '--save_freq', str(every),
-               '--vis_freq', '0', '--output_dir', out, *METHODS[cell]] + (['--seed', str(a.seed)] if a.seed else [])
-        wall_file = os.path.join(out, 'pretrain_wall_s.txt')
-        if not os.path.exists(wall_file):  # a cell interrupted later on keeps its pretraining
-            with open(wall_file, 'w') as f:
-                f.write(str(run(cmd, log)))
-        summary['pretrain_wall_s'] = float(open(wall_file).read())
+        summary['pretrain_wall_s'], cmd = pretrain(cell, a, out, log)
         summary['commands'].append(cmd)
         summary['log'] = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
         ckpts = sorted(glob.glob(os.path.join(out, 'checkpoint-*.pth')), key=lambda p: int(p.split('-')[-1][:-4]))
@@ -127,6 +149,112 @@ def run_cell(cell, a, out, with_finetune=True):
     with open(os.path.join(out, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def segment(cell, seed, a):
+    """UperNet on CamVid from `cell`'s final checkpoint ('random': no pretraining); the same budget for all.
+    -> summary dict (test mIoU, aAcc, per-class IoU, wall-clock, command)"""
+    out = os.path.join(a.out_dir, 'seg', f'{cell}-seed{seed}')
+    done = os.path.join(out, 'summary.json')
+    if os.path.exists(done) and not a.force:
+        return json.load(open(done))
+    cmd = ['main_segmentation.py', '--model', f'vit_{a.model}', '--data_path', a.seg_data, '--input_size',
+           str(a.seg_size), '--batch_size', '8', '--epochs', str(a.seg_epochs), '--warmup_iters', '20', '--lr', '5e-4',
+           '--layer_decay', '0.65', '--weight_decay', '0.05', '--drop_path', '0.1', '--head_channels', '64',
+           '--aux_channels', '32', '--num_workers', str(a.num_workers), '--eval_batch_size', '8', '--seed', str(seed),
+           '--save_freq', '1000', '--output_dir', out, *device_args(a)]
+    if cell != 'random':
+        cell_dir = os.path.join(a.out_dir, cell)
+        pretrain(cell, a, cell_dir, os.path.join(cell_dir, 'study.log'))
+        cmd += ['--finetune', os.path.join(cell_dir, f'checkpoint-{a.epochs - 1}.pth')]
+    shutil.rmtree(out, ignore_errors=True)  # a fresh fine-tune, never a resume
+    os.makedirs(out)
+    wall = run(cmd, os.path.join(out, 'study.log'))
+    last = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))][-1]
+    summary = {'cell': cell, 'seed': seed, 'miou': last['test_miou'], 'aacc': last['test_aacc'],
+               'macc': last['test_macc'], 'iou': last['test_iou'], 'wall_s': wall, 'command': cmd}
+    with open(done, 'w') as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def mean_std(values):
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else float('nan')
+
+
+def segmentation_section(a):
+    """The RESULTS.md section of the segmentation column, from every finished run in <out_dir>/seg."""
+    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out_dir, 'seg', '*', 'summary.json')))]
+    if not runs:
+        return ''
+    classes = [c.strip() for c in open(os.path.join(a.seg_data, 'classes.txt')) if c.strip()]
+    cells = [c for c in [*METHODS, 'random'] if any(r['cell'] == c for r in runs)]
+    by = {c: sorted((r for r in runs if r['cell'] == c), key=lambda r: r['seed']) for c in cells}
+    rows, class_rows = [], []
+    for c in cells:
+        m, sd = mean_std([r['miou'] for r in by[c]])
+        per_seed = ' / '.join(f"{r['miou']:.2f}" for r in by[c])
+        rows.append(f"| {c} | {len(by[c])} | {m:.2f} ± {sd:.2f} | {per_seed} | "
+                    f"{mean_std([r['aacc'] for r in by[c]])[0]:.2f} | {sum(r['wall_s'] for r in by[c]) / len(by[c]):.0f} |")
+        for r in by[c]:
+            class_rows.append(f"| {c} | {r['seed']} | " + ' | '.join(f'{v:.1f}' for v in r['iou']) + ' |')
+    reading = []
+    if 'mae' in by and 'random' in by:
+        (m1, s1), (m0, s0) = mean_std([r['miou'] for r in by['mae']]), mean_std([r['miou'] for r in by['random']])
+        worst_mae, best_random = min(r['miou'] for r in by['mae']), max(r['miou'] for r in by['random'])
+        reading.append(f"- UperNet from the MAE checkpoint: {m1:.2f} mIoU vs {m0:.2f} from random init "
+                       f"({m1 - m0:+.2f}); every MAE seed {'is above' if worst_mae > best_random else 'is NOT above'} "
+                       f"every random-init seed ({worst_mae:.2f} vs {best_random:.2f}); seed spread "
+                       f"(std) {s1:.2f} and {s0:.2f}.")
+    for c in cells:
+        if c not in ('mae', 'random') and 'mae' in by:
+            d = mean_std([r['miou'] for r in by[c]])[0] - mean_std([r['miou'] for r in by['mae']])[0]
+            reading.append(f"- {c} vs MAE: {d:+.2f} mIoU.")
+    commands = '\n'.join(' '.join(['python', *r['command']]) for c in cells for r in by[c]).replace(ROOT + '/', '')
+    fig = os.path.join(a.out_dir, 'seg', 'mae-seed0', 'predictions.png')
+    if os.path.exists(fig):
+        shutil.copy(fig, os.path.join(ROOT, 'docs', 'seg_predictions.png'))
+    return f"""{SEG_HEADING}
+
+UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVid training frames and scored on
+all 233 test frames (11 classes, void ignored), from a study cell's final pretraining checkpoint or from random
+init, with the same budget for every cell: frames rescaled to a {a.seg_size} px short side (ratio 0.5–2.0),
+{a.seg_size} px crops, batch 8, {a.seg_epochs} epochs, AdamW lr 5e-4 (20 warmup iterations, poly decay), layer
+decay 0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image evaluation at
+the {a.seg_size} px short side, predictions resized to the 360×480 labels. The last epoch is reported (no
+checkpoint is chosen on test). Fine-tuning seeds: {a.seg_seeds}.
+
+| cell | seeds | test mIoU (mean ± std) | per seed | aAcc | wall-clock per run (s) |
+|---|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+{chr(10).join(reading)}
+
+Per-class test IoU:
+
+| cell | seed | {' | '.join(classes)} |
+|---|---:|{'---:|' * len(classes)}
+{chr(10).join(class_rows)}
+
+![CamVid test: image | ground truth | prediction](docs/seg_predictions.png)
+
+```
+{commands}
+```
+"""
+
+
+SEG_HEADING = '## Segmentation transfer: UperNet on CamVid'
+
+
+def write_segmentation(a):
+    """Replaces (or appends) the segmentation section of RESULTS.md; the rest of the file is left as it is."""
+    text = open(a.results).read() if os.path.exists(a.results) else ''
+    head = text.split(SEG_HEADING)[0].rstrip() + '\n\n' if text else ''
+    with open(a.results, 'w') as f:
+        f.write(head + segmentation_section(a))
+    print(f'wrote the segmentation section of {a.results}')
 
 
 def rerun(a):
@@ -255,7 +383,7 @@ Reruns:
 ```
 """
     with open(a.results, 'w') as fh:
-        fh.write(text)
+        fh.write(text.rstrip() + '\n\n' + segmentation_section(a))
     print(f'wrote {a.results}')
 
 
@@ -265,6 +393,14 @@ def main():
     if unknown:
         sys.exit(f'error: unknown cells {unknown}; choose from {CELLS}')
     os.makedirs(a.out_dir, exist_ok=True)
+    if a.seg:
+        for cell in a.seg_cells.split(','):
+            if cell not in METHODS and cell != 'random':
+                sys.exit(f'error: unknown segmentation cell {cell!r}; choose from {[*METHODS, "random"]}')
+            for seed in map(int, a.seg_seeds.split(',')):
+                segment(cell, seed, a)
+        write_segmentation(a)
+        return
     if a.rerun:
         rerun(a)
     else:
