@@ -171,9 +171,9 @@ class TrainTransform:
         return F.pad(x, pad, value=0.), F.pad(y_, pad, value=IGNORE_INDEX)
 
 
-def photometric_distortion(img, brightness=32 / 255, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18 / 360):
+def photometric_distortion(img, brightness=32 / 255, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18 / 180):
     """mmseg's PhotoMetricDistortion on a [3, H, W] image in [0, 1]: each step with p 0.5, contrast before or
-    after the saturation/hue steps at random."""
+    after the saturation/hue steps at random. Hue: mmseg's delta 18 on OpenCV's 0-180 scale = 0.1 of the circle."""
     def coin():
         return float(torch.rand(())) < 0.5
 
