@@ -23,7 +23,9 @@ from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint import check_output_dir, resume_path, rng_state, save_on_master, set_rng_state
 from util.datasets import build_image_dataset, build_loader, eval_transform, finetune_transform
 from util.lr_decay import param_groups_lrd
-from util.pretrained import create_vit, load_encoder, load_exact
+from util.pretrained import fill_from_checkpoint, load_encoder, load_exact
+
+DEFAULTS = {'model': 'vit_base_patch16', 'input_size': 224}  # when neither a flag nor the checkpoint says
 
 
 def get_args_parser():
@@ -57,14 +59,17 @@ def add_common_args(parser, batch_size, epochs, blr, warmup_epochs):
     parser.add_argument('--epochs', default=epochs, type=int)
     parser.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps')
     parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='> 0: cap the steps of each epoch')
-    parser.add_argument('--model', default='vit_base_patch16', type=str, metavar='MODEL',
-                        help=f'one of: {", ".join(models_vit.MODELS)} (or the mae_vit_* pretrain name)')
-    parser.add_argument('--input_size', default=224, type=int, help='image size')
+    parser.add_argument('--model', default=None, type=str, metavar='MODEL',
+                        help=f'one of: {", ".join(models_vit.MODELS)} (or the mae_vit_* pretrain name); '
+                             'default: the --finetune (or --resume) checkpoint\'s, else vit_base_patch16')
+    parser.add_argument('--input_size', default=None, type=int, help="image size (default: the checkpoint's, else 224)")
     parser.add_argument('--lr', type=float, default=None, metavar='LR', help='absolute lr (default: from blr)')
     parser.add_argument('--blr', type=float, default=blr, metavar='LR', help='base lr: absolute_lr = blr * eff_batch / 256')
     parser.add_argument('--min_lr', type=float, default=1e-6 if blr < 0.01 else 0., metavar='LR')
     parser.add_argument('--warmup_epochs', type=int, default=warmup_epochs, metavar='N')
-    parser.add_argument('--finetune', default='', help='pretrained checkpoint to start from (MAE, CrossMAE, CMAE)')
+    parser.add_argument('--finetune', default='',
+                        help='pretrained checkpoint to start from (MAE, CrossMAE, CMAE; an HF ViTMAE folder or '
+                             '.safetensors, a timm file)')
     parser.add_argument('--global_pool', action='store_true', help='mean of patch tokens -> fc_norm -> head')
     parser.set_defaults(global_pool=blr < 0.01)  # fine-tuning: global pool; linear probing: cls token
     parser.add_argument('--cls_token', action='store_false', dest='global_pool', help='norm(x)[:, 0] -> head')
@@ -89,6 +94,8 @@ def setup(args):
     """Process group, seeds, output folder, datasets and loaders shared by fine-tuning and probing."""
     misc.init_distributed_mode(args)
     misc.resolve_amp(args)
+    fill_from_checkpoint(args, args.finetune if args.finetune and not args.eval else args.resume, models_vit.CONFIGS,
+                         DEFAULTS)
     check_output_dir(args.output_dir if misc.is_main_process() and not args.eval else '')
     print(', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
     seed = args.seed + misc.get_rank()
@@ -190,8 +197,8 @@ def main(args):
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
-    model = create_vit(args.model, img_size=args.input_size, num_classes=args.nb_classes,
-                       drop_path_rate=args.drop_path, global_pool=args.global_pool)
+    model = models_vit.create_vit(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                  drop_path_rate=args.drop_path, global_pool=args.global_pool)
     if args.finetune and not args.eval:
         load_encoder(model, args.finetune)
         models_vit.init_head(model, std=2e-5)  # as MAE: a tiny head keeps the start close to the features

@@ -1,9 +1,10 @@
 """Weighted k-NN evaluation of frozen encoder features (cosine similarity, votes exp(sim / T)).
 
-    python main_knn.py --model vit_base_patch16 --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet
-    torchrun --nproc_per_node=2 main_knn.py --model vit_micro_patch8 --input_size 64 --checkpoint runs/ --output knn.md
-Several checkpoints (or a folder: every *.pth in it) are evaluated on one decoding of the data and written as a
-table with --output; no --checkpoint: the untrained encoder.
+    python main_knn.py --finetune mae_pretrain_vit_base.pth --data_path /imagenet
+    torchrun --nproc_per_node=2 main_knn.py --finetune runs/ --output knn.md
+Several checkpoints (or a folder: every *.pth in it; HF ViTMAE folders and timm files too) are evaluated on one
+decoding of the data and written as a table with --output; no --finetune: the untrained encoder. --model and
+--input_size default to the checkpoint's (the first one's input_size), else vit_base_patch16 at 224.
 """
 import argparse
 import os
@@ -13,20 +14,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import util.misc as misc
-from models_vit import forward_features_pooled
+import models_vit
+from util.convert import is_hf_folder
 from util.datasets import build_image_dataset, eval_transform
-from util.pretrained import create_vit, load_encoder
+from util.pretrained import load_encoder, read_checkpoint
+
+DEFAULTS = {'model': 'vit_base_patch16', 'input_size': 224}  # when neither a flag nor the checkpoint says
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('k-NN evaluation of frozen features', add_help=True)
-    parser.add_argument('--model', default='vit_base_patch16',
-                        help="fine-tune factory (or the mae_vit_* name); 'pixels': the raw-pixel floor (no encoder)")
+    parser.add_argument('--model', default=None,
+                        help="fine-tune factory (or the mae_vit_* name; default: the checkpoint's, else "
+                             "vit_base_patch16); 'pixels': the raw-pixel floor (no encoder)")
     parser.add_argument('--pixel_size', default=32, type=int,
                         help='--model pixels: images average-pooled to this size, flattened and mean-centred')
-    parser.add_argument('--checkpoint', default=[''], nargs='*',
-                        help='checkpoints and/or folders of them (*.pth), features of the data decoded once; none: untrained')
-    parser.add_argument('--input_size', default=224, type=int)
+    parser.add_argument('--finetune', '--checkpoint', dest='finetune', default=[''], nargs='*',
+                        help='pretrained checkpoints (ours, official, HF ViTMAE, timm) and/or folders of *.pth; '
+                             'features of the data decoded once; none: untrained')
+    parser.add_argument('--input_size', default=None, type=int, help="default: the first checkpoint's, else 224")
     parser.add_argument('--pool', default='avg', choices=['avg', 'cls'], help='avg: fc_norm(mean of patch tokens); cls: norm(x)[:, 0]')
     parser.add_argument('--ks', default=[10, 20, 100, 200], type=int, nargs='+', help='numbers of neighbours')
     parser.add_argument('--temperature', default=0.07, type=float, help='vote weight exp(sim / T)')
@@ -133,21 +139,25 @@ def probe_on_features(train_f, train_y, val_f, val_y, num_classes, epochs, batch
 
 
 def name(path, args):
-    return os.path.basename(path) or ('pixels' if args.model == 'pixels' else 'untrained')
+    return os.path.basename(os.path.normpath(path)) if path else ('pixels' if args.model == 'pixels' else 'untrained')
 
 
 def evaluate_checkpoint(path, train_set, val_set, args):
     if args.model == 'pixels':
         if path:
-            raise misc.UserError('--model pixels takes no --checkpoint')
+            raise misc.UserError('--model pixels takes no --finetune checkpoint')
         embed = lambda x: raw_pixels(x, args.pixel_size)  # noqa: E731
     else:
+        state, stored = read_checkpoint(path, models_vit.CONFIGS) if path else (None, {})
+        model_name = args.model or stored.get('model') or DEFAULTS['model']
         torch.manual_seed(args.seed)  # the untrained encoder is reproducible
-        model = create_vit(args.model, img_size=args.input_size, num_classes=0, global_pool=args.pool == 'avg')
+        model = models_vit.create_vit(model_name, img_size=args.input_size, num_classes=0,
+                                      global_pool=args.pool == 'avg')
+        print(f'{name(path, args)}: {models_vit.vit_name(model_name)} at {args.input_size} px')
         if path:
-            load_encoder(model, path)
+            load_encoder(model, path, state)
         model.to(args.device).eval()
-        embed = lambda x: forward_features_pooled(model, x, args.pool)  # noqa: E731
+        embed = lambda x: models_vit.forward_features_pooled(model, x, args.pool)  # noqa: E731
     train_f, train_y = extract_features(embed, train_set, args)
     val_f, val_y = extract_features(embed, val_set, args)
     res = knn_classify(train_f, train_y, val_f, val_y, args.ks, args.temperature, len(train_set.classes))
@@ -164,14 +174,18 @@ def main(args):
     misc.init_distributed_mode(args)
     misc.resolve_amp(args)
     paths = []
-    for c in args.checkpoint or ['']:
-        if c and os.path.isdir(c):
+    for c in args.finetune or ['']:
+        if c and os.path.isdir(c) and not is_hf_folder(c):
             found = sorted((os.path.join(c, f) for f in os.listdir(c) if f.endswith('.pth')), key=os.path.getmtime)
             if not found:
                 raise misc.UserError(f'no *.pth checkpoints in {c}')
             paths += found
         else:
             paths.append(c)
+    if args.input_size is None:
+        stored = read_checkpoint(paths[0], models_vit.CONFIGS)[1] if paths[0] and args.model != 'pixels' else {}
+        args.input_size = stored.get('input_size') or DEFAULTS['input_size']
+        print(f'--input_size {args.input_size} ({"from " + paths[0] if stored.get("input_size") else "default"})')
     transform = eval_transform(args.input_size)
     train_set = build_image_dataset(args, 'train', transform, cache=args.cache_data)
     val_set = build_image_dataset(args, 'val', transform, cache=args.cache_data)

@@ -1,7 +1,8 @@
 """Linear probing: a frozen encoder, BatchNorm(affine=False) + Linear head trained with LARS (MAE recipe).
 
-    torchrun --nproc_per_node=8 main_linprobe.py --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth \
+    torchrun --nproc_per_node=8 main_linprobe.py --finetune mae_pretrain_vit_base.pth \
         --batch_size 512 --accum_iter 4 --blr 0.1 --epochs 90 --warmup_epochs 10 --dist_eval --data_path /imagenet
+--model and --input_size default to the --finetune checkpoint's (HF ViTMAE and timm files are read too).
 """
 import argparse
 
@@ -12,7 +13,7 @@ import models_vit
 from main_finetune import add_common_args, build_data, place, run, setup
 from util.datasets import linprobe_transform
 from util.lars import LARS
-from util.pretrained import create_vit, load_encoder
+from util.pretrained import load_encoder
 
 
 def get_args_parser():
@@ -25,7 +26,8 @@ def get_args_parser():
 def main(args):
     setup(args)
     loader_train, loader_val = build_data(args, None if args.eval else linprobe_transform(args.input_size))
-    model = create_vit(args.model, img_size=args.input_size, num_classes=args.nb_classes, global_pool=args.global_pool)
+    model = models_vit.create_vit(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                  global_pool=args.global_pool)
     if args.finetune and not args.eval:
         load_encoder(model, args.finetune)
     models_vit.init_head(model, std=0.01)

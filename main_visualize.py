@@ -3,19 +3,21 @@
     python main_visualize.py --checkpoint output_dir/checkpoint.pth --out recon.png
     python main_visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 --input_size 224
     python main_visualize.py --rollout --checkpoint output_dir/checkpoint.pth --out rollout.png
-The architecture comes from the args stored in our checkpoints; flags given here override it.
+The architecture comes from the args stored in our checkpoints (or an HF ViTMAE config, or the weights); flags
+given here override it. HF ViTMAE folders/.safetensors and (for --rollout) timm encoder files are read too.
 """
 import argparse
 
 import torch
 
 import masking
+import models_mae
+import models_vit
 import util.misc as misc
 from main_pretrain import build_model
 from main_pretrain import get_args_parser as pretrain_parser
-from util.checkpoint import load_checkpoint, model_state
 from util.datasets import balanced_subset, build_dataset, eval_transform
-from util.pretrained import create_vit, load_encoder
+from util.pretrained import load_encoder, read_checkpoint
 from util.rollout import attention_maps, rollout
 from util.visualize import reconstruct, save_figure, to_pixels
 
@@ -25,7 +27,8 @@ ARCH = ('model', 'input_size', 'norm_pix_loss', 'cross_mae', 'weight_fm', 'use_f
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Reconstruction figures and attention rollout', add_help=True)
-    parser.add_argument('--checkpoint', required=True, help='pretrain checkpoint (ours or an official MAE one)')
+    parser.add_argument('--checkpoint', required=True,
+                        help='pretrain checkpoint (ours, an official MAE/CrossMAE one, an HF ViTMAE folder/.safetensors)')
     parser.add_argument('--out', default='recon.png')
     parser.add_argument('--data_path', default='../shared/data/imagenette2-224')
     parser.add_argument('--split', default='val')
@@ -76,10 +79,13 @@ def load_images(args, size):
 
 
 def reconstruction_figure(args):
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = architecture(args, ckpt.get('args') if isinstance(ckpt, dict) else None)
+    state, stored = read_checkpoint(args.checkpoint, models_mae.CONFIGS, prefix='mae_vit_')
+    if 'decoder_pred.weight' not in state:
+        raise misc.UserError(f'{args.checkpoint} holds an encoder only (no decoder to reconstruct with); '
+                             'use --rollout')
+    cfg = architecture(args, stored)
     model = build_model(cfg)
-    state = {k: v for k, v in model_state(ckpt).items()
+    state = {k: v for k, v in state.items()
              if not k.startswith(('target_', 'projector.', 'predictor.', 'feat_decoder'))}  # CMAE extras
     try:
         model.load_state_dict(state)
@@ -101,10 +107,11 @@ def reconstruction_figure(args):
 
 
 def rollout_figure(args):
-    cfg = architecture(args, load_checkpoint(args.checkpoint).get('args'))  # flags given here take precedence
+    state, stored = read_checkpoint(args.checkpoint, models_vit.CONFIGS)
+    cfg = architecture(args, stored)  # flags given here take precedence
     name, size = cfg.model, cfg.input_size
-    model = create_vit(name, img_size=size, num_classes=0, global_pool=False)
-    load_encoder(model, args.checkpoint)
+    model = models_vit.create_vit(name, img_size=size, num_classes=0, global_pool=False)
+    load_encoder(model, args.checkpoint, state)
     imgs = load_images(args, size)
     maps, _ = rollout(attention_maps(model.eval(), imgs), args.fuse, args.discard_ratio)
     g = model.patch_embed.grid_size

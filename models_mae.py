@@ -305,12 +305,14 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_masked(imgs, mask_ratio, noise, kept_mask_ratio)[:3]
 
 
-# --- factories: standard sizes (decoder 512 wide, 8 deep, 16 heads unless overridden)
+# --- factories: standard sizes (decoder 512 wide, 8 deep, 16 heads unless overridden; ViT-S: 256 wide, 8 heads)
 _LN = partial(nn.LayerNorm, eps=1e-6)
 _DEC = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN)
 CONFIGS = {
     'tiny_patch16': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, **_DEC),
-    'small_patch16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_DEC),
+    # CrossMAE's ViT-S decoder is 256 wide with 8 heads (its published ViT-S checkpoints load strictly)
+    'small_patch16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                          **{**_DEC, 'decoder_embed_dim': 256, 'decoder_num_heads': 8}),
     'base_patch16': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DEC),
     'large_patch16': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DEC),
     'huge_patch14': dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC),

@@ -2,17 +2,14 @@
 
 `global_pool=True` (MAE's default): mean of the patch tokens (cls excluded) -> `fc_norm` -> head; the final
 `norm` is then absent. `global_pool=False`: `norm(x)[:, 0]` (cls token) -> head. Encoder keys equal those of
-`models_mae` factories of the same name, so a pretrain checkpoint loads with `load_pretrained`.
+`models_mae` factories of the same name (and timm's), so a pretrain checkpoint loads with
+`util.pretrained.load_encoder`.
 """
 from functools import partial
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
-
-from util.pos_embed import resize_pos_embed
-
-PRETRAIN_ONLY = ('decoder_', 'mask_token', 'dec_norms.', 'wfm.', 'target_', 'projector.', 'predictor.', 'feat_decoder')
 
 
 def vision_transformer(global_pool=True, **kwargs):
@@ -27,34 +24,6 @@ def forward_features_pooled(model, x, pool='avg'):
     if pool == 'avg':
         return model.fc_norm(x[:, model.num_prefix_tokens:].mean(dim=1))
     return x[:, 0]
-
-
-def load_pretrained(model, state_dict):
-    """Load encoder weights from a pretrain (MAE/CrossMAE/CMAE) or fine-tuned state_dict into `model`.
-
-    Drops decoder/contrastive keys, resizes `pos_embed` to the model's grid, drops a head of another shape.
-    Raises ValueError naming the keys when shapes differ or encoder keys are missing.
-    Returns the (missing_keys, unexpected_keys) of the load; missing may only be head/fc_norm/norm.
-    """
-    sd = {k: v for k, v in state_dict.items() if not k.startswith(PRETRAIN_ONLY)}
-    own = model.state_dict()
-    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
-        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid_size, model.num_prefix_tokens)
-    for k in ('head.weight', 'head.bias'):
-        if k in sd and sd[k].shape != own[k].shape:
-            del sd[k]  # another number of classes: the head is trained anew
-    bad = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-           for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise ValueError('checkpoint does not fit this model (another architecture?); mismatched shapes:\n  '
-                         + '\n  '.join(bad))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    allowed = ('head.', 'fc_norm.', 'norm.')  # CrossMAE checkpoints have no final norm
-    hard_missing = [k for k in missing if not k.startswith(allowed)]
-    if hard_missing:
-        raise ValueError(f'checkpoint does not fit this model; {len(hard_missing)} encoder keys are missing, '
-                         f'e.g. {hard_missing[:5]} (unexpected: {unexpected[:5]})')
-    return missing, unexpected
 
 
 _LN = partial(nn.LayerNorm, eps=1e-6)
@@ -90,6 +59,19 @@ MODELS = {name: fn for name, fn in dict(globals()).items() if name.startswith('v
 def vit_for(mae_model_name):
     """The fine-tune factory name matching a pretrain one: 'mae_vit_base_patch16_dec512d8b' -> 'vit_base_patch16'."""
     return mae_model_name.replace('mae_', '', 1).replace('_dec512d8b', '')
+
+
+def vit_name(name):
+    """Accepts 'vit_base_patch16' or the pretrain name 'mae_vit_base_patch16(_dec512d8b)'; ValueError otherwise."""
+    name = vit_for(name) if name.startswith('mae_') else name
+    if name not in MODELS:
+        raise ValueError(f'unknown --model {name!r}; choose from: {", ".join(MODELS)}')
+    return name
+
+
+def create_vit(name, **kwargs):
+    """The fine-tune ViT of a (pretrain or fine-tune) factory name; kwargs go to the factory."""
+    return MODELS[vit_name(name)](**kwargs)
 
 
 @torch.no_grad()

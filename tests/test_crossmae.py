@@ -86,3 +86,24 @@ def test_flash_attn_flag_falls_back_with_a_message(capsys):
     assert all(m.backend == 'sdpa' for m in model.modules() if hasattr(m, 'backend'))
     loss, _, _ = model(torch.randn(2, 3, 32, 32))
     assert torch.isfinite(loss)
+
+
+def test_official_crossmae_vit_small_keys():
+    """CrossMAE's ViT-S: decoder 256 wide, 8 heads (base/large/huge: 512, 16), as in its published checkpoints."""
+    with torch.device('meta'):
+        model = models_mae.mae_vit_small_patch16(cross_mae=True, weight_fm=True, use_input=True, decoder_depth=12)
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sd['decoder_pos_embed'] == (1, 197, 256) and sd['mask_token'] == (1, 1, 256)
+    assert sd['wfm.linear.weight'] == (12, 13) and sd['decoder_pred.weight'] == (768, 256)
+    assert sd['decoder_norm.weight'] == (256,) and not any(k.startswith(('norm.', 'decoder_embed.')) for k in sd)
+    for i in range(12):
+        k = f'decoder_blocks.{i}.'
+        blk = {n[len(k):]: s for n, s in sd.items() if n.startswith(k)}
+        assert blk == {'norm1.weight': (256,), 'norm1.bias': (256,), 'cross_attn.q.weight': (256, 256),
+                       'cross_attn.q.bias': (256,), 'cross_attn.kv.weight': (512, 384), 'cross_attn.kv.bias': (512,),
+                       'cross_attn.proj.weight': (256, 256), 'cross_attn.proj.bias': (256,), 'norm2.weight': (256,),
+                       'norm2.bias': (256,), 'mlp.fc1.weight': (1024, 256), 'mlp.fc1.bias': (1024,),
+                       'mlp.fc2.weight': (256, 1024), 'mlp.fc2.bias': (256,)}
+        assert sd[f'dec_norms.{i}.weight'] == (384,) and model.decoder_blocks[i].cross_attn.num_heads == 8
+    assert all(sd[f'blocks.{i}.attn.qkv.weight'] == (1152, 384) for i in range(12)) and sd['pos_embed'] == (1, 197, 384)
+    assert len(sd) == 4 + 12 * 12 + 12 * 14 + 12 * 2 + 1 + 2 + 2 + 2  # nothing else

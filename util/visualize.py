@@ -7,8 +7,6 @@ original MAE demo does, which leaks the answer (say so in the figure).
 """
 import torch
 
-import masking
-from models_mae import MaskedAutoencoderViT
 from util.datasets import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 PANELS = ('original', 'masked', 'reconstruction', 'reconstruction + visible')
@@ -23,11 +21,12 @@ def to_pixels(x):
 
 @torch.no_grad()
 def reconstruct(model, imgs, noise=None, mask_ratio=0.75, kept_mask_ratio=None, unnorm='visible'):
-    """-> dict of the four panels in pixels [N, 3, H, W], 'removed' [N, L] (1 = hidden), 'predicted' [N, L]."""
+    """model: a models_mae (or models_cmae) model; imgs: [N, 3, H, W]; noise: [N, L] masking scores.
+    -> dict of the four panels in pixels [N, 3, H, W], 'removed' [N, L] (1 = hidden), 'predicted' [N, L]."""
     was_training = model.training
     model.eval()
-    forward = MaskedAutoencoderViT.forward  # also for subclasses whose forward takes more views (CMAE)
-    _, pred, predicted = forward(model, imgs, mask_ratio=mask_ratio, noise=noise, kept_mask_ratio=kept_mask_ratio)
+    # forward_masked: the pixel branch alone, also for subclasses whose forward takes more views (CMAE)
+    _, pred, predicted = model.forward_masked(imgs, mask_ratio, noise, kept_mask_ratio)[:3]
     model.train(was_training)
     pred = pred.float()
     target = model.patchify(imgs)
@@ -84,8 +83,8 @@ def log_to_tensorboard(writer, model, imgs, mask_gen, mask_ratio, kept_mask_rati
     """Reconstruction grid and the masks of a fixed batch; the training RNG streams are left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gen = masking.MaskGenerator(mask_gen.mask_type, mask_gen.grid, mask_ratio, seed=seed, device=imgs.device,
-                                    patterns=mask_gen.patterns)
+        gen = type(mask_gen)(mask_gen.mask_type, mask_gen.grid, mask_ratio, seed=seed, device=imgs.device,
+                             patterns=mask_gen.patterns)  # a fresh masking.MaskGenerator
         noise = gen(imgs.shape[0])
     panels = reconstruct(model, imgs, noise, mask_ratio, kept_mask_ratio)
     writer.add_image('reconstruction', grid_image(panels).cpu(), epoch)
