@@ -19,10 +19,10 @@ import models_seg
 import util.misc as misc
 from engine_segmentation import evaluate, train_one_epoch
 from main_finetune import checkpoint_args, set_lr, setup
-from util.checkpoint import load_checkpoint, model_state, resume_path, rng_state, save_on_master, set_rng_state
+from util.checkpoint import load_checkpoint, resume_path, rng_state, save_on_master, set_rng_state
 from util.datasets import build_loader
 from util.lr_decay import param_groups_lrd
-from util.pretrained import load_exact
+from util.pretrained import load_exact, read_checkpoint
 from util.seg_datasets import EvalTransform, SegmentationDataset, TrainTransform, dataset_splits, shard_sampler
 
 
@@ -89,15 +89,22 @@ ARCH_DEFAULTS = dict(model='vit_base_patch16', input_size=512, head_channels=768
 
 
 def resolve_arch(args):
-    """Architecture flags not given: from the args stored in the checkpoint to resume (or evaluate), else defaults."""
+    """Architecture flags not given: from the args stored in the checkpoint to resume (or evaluate), else --model
+    from the --finetune checkpoint (its args, HF config or weights), else the defaults."""
     path, stored = resume_path(args), {}
     if path and any(getattr(args, k) is None for k in ARCH_DEFAULTS):
         ckpt = load_checkpoint(path)
         stored = ckpt.get('args') or {} if isinstance(ckpt, dict) else {}
         stored = stored if isinstance(stored, dict) else vars(stored)
+    elif args.finetune and args.model is None:
+        args.finetune_state, pretrained = read_checkpoint(args.finetune, models_seg.CONFIGS, prefix='')
+        name = pretrained.get('model') or ''
+        name = name.replace('mae_', '', 1).replace('_dec512d8b', '')  # a pretraining factory's encoder
+        stored = {'model': name} if name in models_seg.CONFIGS else {}
     for k, default in ARCH_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, stored.get(k, default))
+            print(f'--{k} {getattr(args, k)} ({"from the checkpoint" if k in stored else "default"})')
 
 
 def check_args(args):
@@ -121,8 +128,9 @@ def build_model(args, num_classes):
                                    rel_pos_bias=args.rel_pos_bias, out_indices=args.out_indices,
                                    drop_path_rate=args.drop_path)
     if args.finetune and not args.resume:
+        state = vars(args).pop('finetune_state', None) or read_checkpoint(args.finetune)[0]  # also HF / timm files
         try:
-            ignored, missing = models_seg.load_pretrained(model, model_state(load_checkpoint(args.finetune)))
+            ignored, missing = models_seg.load_pretrained(model, state)
         except ValueError as e:
             raise misc.UserError(f'{args.finetune}: {e}') from e
         print(f'loaded the encoder from {args.finetune}; not used: {len(ignored)} keys '

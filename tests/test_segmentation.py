@@ -253,3 +253,28 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
     assert len(lines) == 1 and lines[0].startswith('error: '), err
     import re
     assert re.search(expect, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize('fmt', ['ours', 'hf', 'timm'])
+def test_finetune_names_the_encoder_in_any_format(tmp_path, fmt):
+    """--finetune with an HF ViTMAE folder or a timm encoder file works like our checkpoint; --model comes from it."""
+    import main_segmentation
+    from util import convert
+    state = models_mae.mae_vit_pico_patch4().state_dict()
+    if fmt == 'ours':
+        path = tmp_path / 'ours.pth'
+        torch.save({'model': state, 'args': {'model': 'mae_vit_pico_patch4', 'input_size': 32}}, path)
+    elif fmt == 'hf':
+        path = tmp_path / 'hf'
+        convert.save_hf_folder(convert.mae_to_hf(state), convert.hf_config(convert.arch_from_state(state)), path)
+    else:
+        path = tmp_path / 'enc.safetensors'
+        convert.save_safetensors(convert.mae_to_timm(state)[0], path)
+    args = main_segmentation.get_args_parser().parse_args(['--finetune', str(path), '--input_size', '64',
+                                                            '--head_channels', '16', '--aux_channels', '8'])
+    args.resume, args.output_dir = '', ''
+    main_segmentation.resolve_arch(args)
+    assert args.model == 'vit_pico_patch4'
+    model = main_segmentation.build_model(args, 4)
+    assert 'finetune_state' not in vars(args)  # never stored with the args
+    assert torch.equal(model.blocks[2].attn.qkv.weight, state['blocks.2.attn.qkv.weight'])
