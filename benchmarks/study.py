@@ -64,7 +64,8 @@ def get_args():
     p.add_argument('--seg_seeds', default='0,1', help='fine-tuning seeds of each segmentation cell')
     p.add_argument('--seg_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'camvid'))
     p.add_argument('--seg_size', default=96, type=int, help='crop = short side of the rescaled CamVid frames')
-    p.add_argument('--seg_epochs', default=4, type=int)
+    p.add_argument('--seg_epochs', default=8, type=int)
+    p.add_argument('--seg_lr', default='1e-3', help='AdamW lr (absolute) of the segmentation fine-tunes')
     p.add_argument('--device', default='auto', help='auto, cuda or cpu (for every script the study runs)')
     return p.parse_args()
 
@@ -159,7 +160,7 @@ def segment(cell, seed, a):
     if os.path.exists(done) and not a.force:
         return json.load(open(done))
     cmd = ['main_segmentation.py', '--model', f'vit_{a.model}', '--data_path', a.seg_data, '--input_size',
-           str(a.seg_size), '--batch_size', '8', '--epochs', str(a.seg_epochs), '--warmup_iters', '20', '--lr', '5e-4',
+           str(a.seg_size), '--batch_size', '8', '--epochs', str(a.seg_epochs), '--warmup_iters', '40', '--lr', a.seg_lr,
            '--layer_decay', '0.65', '--weight_decay', '0.05', '--drop_path', '0.1', '--head_channels', '64',
            '--aux_channels', '32', '--num_workers', str(a.num_workers), '--eval_batch_size', '8', '--seed', str(seed),
            '--save_freq', '1000', '--output_dir', out, *device_args(a)]
@@ -220,7 +221,7 @@ def segmentation_section(a):
 UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVid training frames and scored on
 all 233 test frames (11 classes, void ignored), from a study cell's final pretraining checkpoint or from random
 init, with the same budget for every cell: frames rescaled to a {a.seg_size} px short side (ratio 0.5–2.0),
-{a.seg_size} px crops, batch 8, {a.seg_epochs} epochs, AdamW lr 5e-4 (20 warmup iterations, poly decay), layer
+{a.seg_size} px crops, batch 8, {a.seg_epochs} epochs, AdamW lr {a.seg_lr} (40 warmup iterations, poly decay), layer
 decay 0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image evaluation at
 the {a.seg_size} px short side, predictions resized to the 360×480 labels. The last epoch is reported (no
 checkpoint is chosen on test). Fine-tuning seeds: {a.seg_seeds}.
