@@ -149,7 +149,7 @@ def evaluate(data_loader, model, args, classes, figure_path=None, num_figure=4):
           f"({int(conf.sum())} labelled pixels)")
     print(format_table(classes, metrics))
     if figure_path and rows and misc.is_main_process():
-        save_figure(rows, len(classes), figure_path)
+        save_figure(rows, classes, figure_path)
     return metrics
 
 
@@ -165,9 +165,11 @@ def palette(num_classes):
     return colours
 
 
-def save_figure(rows, num_classes, path, height=180):
-    """rows: [(normalized image [3, h, w], label [H, W], prediction [H, W])] -> one PNG, a row per image."""
-    colours = palette(num_classes)
+def save_figure(rows, classes, path, height=180):
+    """rows: [(normalized image [3, h, w], label [H, W], prediction [H, W])] -> one PNG, a row per image, and a
+    legend of the class colours (void black)."""
+    from PIL import ImageDraw
+    colours = palette(len(classes))
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
     panels = []
     for img, label, pred in rows:
@@ -177,8 +179,15 @@ def save_figure(rows, num_classes, path, height=180):
         gt, pr = colours[label.numpy().astype(np.uint8)], colours[pred.numpy().astype(np.uint8)]
         row = Image.fromarray(np.concatenate([rgb, gt, pr], axis=1))
         panels.append(row.resize((int(row.width * height / h), height), Image.NEAREST))
-    fig = Image.new('RGB', (max(p.width for p in panels), sum(p.height for p in panels)))
+    width, per_row = max(p.width for p in panels), 6
+    legend_h = 16 * -(-(len(classes) + 1) // per_row)
+    fig = Image.new('RGB', (width, sum(p.height for p in panels) + legend_h), (255, 255, 255))
     for i, p in enumerate(panels):
         fig.paste(p, (0, i * height))
+    draw = ImageDraw.Draw(fig)
+    for i, (name, colour) in enumerate([*zip(classes, colours.tolist()), ('void', [0, 0, 0])]):
+        x, y = (i % per_row) * width // per_row + 4, len(panels) * height + (i // per_row) * 16 + 3
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(colour))
+        draw.text((x + 14, y - 1), name, fill=(0, 0, 0))
     fig.save(path)
     print(f'wrote {path} (image | ground truth | prediction)')

@@ -19,7 +19,7 @@ import models_seg
 import util.misc as misc
 from engine_segmentation import evaluate, train_one_epoch
 from main_finetune import checkpoint_args, set_lr, setup
-from util.checkpoint import load_checkpoint, resume_path, rng_state, save_on_master, set_rng_state
+from util.checkpoint import check_output_dir, load_checkpoint, resume_path, rng_state, save_on_master, set_rng_state
 from util.datasets import build_loader
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_exact, read_checkpoint
@@ -157,6 +157,7 @@ def main(args):
     model_without_ddp = model
     figure = os.path.join(args.output_dir, 'predictions.png') if args.output_dir and misc.is_main_process() else None
     if args.eval:
+        check_output_dir(figure and args.output_dir)  # the figure goes there
         if args.resume:
             load_exact(model, args.resume)
         evaluate(loader_eval, model, args, classes, figure, args.num_figure)

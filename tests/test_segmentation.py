@@ -197,8 +197,9 @@ def test_train_torchrun_eval_and_same_miou(tmp_path, capsys):
     assert code == 0 and '| blue |' in one
     assert float(miou_line(one).split()[1]) == pytest.approx(log[-1]['test_miou'], abs=0.005)  # = 2 processes
     code, bare, _ = run_seg(capsys, ['--data_path', data, '--eval', '--resume', out / 'checkpoint.pth',
-                                     '--output_dir', '', '--num_workers', 0])  # architecture from the checkpoint
+                                     '--output_dir', tmp_path / 'eval', '--num_workers', 0])  # architecture from the checkpoint
     assert code == 0 and miou_line(bare) == miou_line(one)
+    assert Image.open(tmp_path / 'eval' / 'predictions.png').size[1] == 4 * 180 + 16  # 4 rows + the legend
     _, batched, _ = run_seg(capsys, [*evaluate, '--eval_batch_size', 4])  # images of one size in one forward
     assert abs(float(miou_line(batched).split()[1]) - float(miou_line(one).split()[1])) < 0.5
     slide = ['--slide', '--crop_size', 24, '--stride', 16]
