@@ -191,7 +191,7 @@ def test_train_torchrun_eval_and_same_miou(tmp_path, capsys):
     torchrun('main_segmentation.py', [*SEG, '--data_path', data, '--epochs', 3, '--batch_size', 2, '--output_dir', out])
     log = read_log(out / 'log.txt')
     assert [r['epoch'] for r in log] == [0, 1, 2] and 'test_miou' in log[-1] and len(log[-1]['test_iou']) == 4
-    assert Image.open(out / 'predictions.png').size[1] == 2 * 180  # rank 0's two test images
+    assert Image.open(out / 'predictions.png').size[1] == 2 * 180 + 16  # rank 0's two test images + legend
     evaluate = [*SEG, '--data_path', data, '--eval', '--resume', out / 'checkpoint.pth', '--output_dir', '']
     code, one, _ = run_seg(capsys, evaluate)
     assert code == 0 and '| blue |' in one
