@@ -1,5 +1,16 @@
 """One pretraining epoch. The model's forward returns (loss, pred, mask[, logs]); a tuple batch of views is
-passed to the model as positional arguments (the contrastive model takes two views)."""
+passed to the model as positional arguments (the contrastive model takes two views).
+
+No step waits for the GPU: the loss and the model's logs stay on the device (detached tensors queued in a
+`misc.DeviceMeters`) and are read in one device-to-host copy every --print_freq steps (the steps that
+`log_every` prints) and at the end of the epoch; under DDP that read is one all-reduce, which also carries
+the SIGTERM stop flag. Each read (`StepReader.read`)
+- checks the losses: a non-finite one raises NonFiniteLoss naming the first bad step, before anything is saved;
+- writes the per-step TensorBoard scalars: one point per optimizer step read, with that step's own value
+  (averaged over the processes) at that step's x, so the curves are the same as with a read per step;
+- sees a stop request: the epoch then ends at the next optimizer step and reports the steps really taken
+  (a request seen at the epoch's last step lets the epoch finish; the caller checks the flag after it).
+"""
 import itertools
 import math
 from contextlib import nullcontext
@@ -10,6 +21,48 @@ import util.misc as misc
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class StepReader:
+    """Per-step scalars kept on the device and read every print_freq steps, as described above.
+
+    record(step, lr, update, loss=..., **more) queues one step (tensors stay on the device); read() brings the
+    queued steps to the host in one copy (one all-reduce under DDP), feeds `metric_logger`, checks the losses,
+    writes TensorBoard and returns True when some process asked to stop. Every process must read at the same
+    steps under DDP."""
+
+    def __init__(self, args, epoch, steps_per_epoch, metric_logger, log_writer=None, stop_flag=None,
+                 tag_prefix='train_'):
+        self.meters, self.steps = misc.DeviceMeters(), []  # steps: (step, lr, update) of the queued steps
+        self.reduce = getattr(args, 'distributed', False)
+        self.epoch, self.steps_per_epoch, self.metric_logger = epoch, steps_per_epoch, metric_logger
+        self.log_writer, self.stop_flag, self.tag_prefix = log_writer, stop_flag, tag_prefix
+
+    def record(self, step, lr, update, **values):
+        self.meters.update(**values)
+        self.steps.append((step, lr, update))
+
+    def read(self):
+        if self.stop_flag is not None:  # a host number: it rides in the same all-reduce
+            self.meters.update(stop=float(self.stop_flag.set))
+        window = self.meters.read(reduce=self.reduce)
+        stop = window.pop('stop', [0.])[-1] > 0
+        steps, self.steps = self.steps, []
+        for (step, _, _), value in zip(steps, window.get('loss', [])):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f'loss is {value} at epoch {self.epoch}, step {step} (the first non-finite one of '
+                                    f'steps {steps[0][0]}-{steps[-1][0]}); stopping (the last checkpoint is left as it was)')
+        for j in range(len(steps)):
+            self.metric_logger.update(**{k: vals[j] for k, vals in window.items()})
+        if self.log_writer is not None:
+            for j, (step, lr, update) in enumerate(steps):
+                if not update:
+                    continue
+                x = int((step / self.steps_per_epoch + self.epoch) * 1000)  # epoch_1000x: comparable across batch sizes
+                for k, vals in window.items():
+                    self.log_writer.add_scalar(self.tag_prefix + k, vals[j], x)
+                self.log_writer.add_scalar('lr', lr, x)
+        return stop
 
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, mask_gen=None, log_writer=None,
@@ -24,9 +77,10 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, mas
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
     optimizer.zero_grad()
-    step, interrupted = start_step, False
-    log_every_step = not args.no_step_log
+    step, interrupted, stop_requested = start_step, False, False
     total = steps_per_epoch - start_step
+    reader = StepReader(args, epoch, steps_per_epoch, metric_logger, None if args.no_step_log else log_writer,
+                        stop_flag)
     batches = itertools.islice(data_loader, total)
     for i, (samples, _) in enumerate(metric_logger.log_every(batches, args.print_freq, header, total)):
         step = start_step + i
@@ -41,29 +95,22 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, mas
             with misc.autocast(args):
                 out = model(*views, mask_ratio=args.mask_ratio, noise=noise, kept_mask_ratio=args.kept_mask_ratio)
             loss, logs = out[0], (out[3] if len(out) > 3 else {})
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f'loss is {loss_value} at epoch {epoch}, step {step}; stopping '
-                                    f'(the last checkpoint is left as it was)')
             loss_scaler(loss / accum_iter, optimizer, clip_grad=args.clip_grad,
                         parameters=model.parameters(), update_grad=update)
         if update:
             optimizer.zero_grad()
             if after_step is not None:
                 after_step(epoch + (step + 1) / steps_per_epoch)
-        metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]['lr'],
-                             **{k: float(v) for k, v in logs.items()})
-        if update and log_every_step:
-            loss_reduced = misc.all_reduce_mean(loss_value)  # a collective: every rank takes part
-        if log_writer is not None and update and log_every_step:
-            epoch_1000x = int((step / steps_per_epoch + epoch) * 1000)  # x-axis comparable across batch sizes
-            log_writer.add_scalar('train_loss', loss_reduced, epoch_1000x)
-            log_writer.add_scalar('lr', optimizer.param_groups[0]['lr'], epoch_1000x)
-            for k, v in logs.items():
-                log_writer.add_scalar(f'train_{k}', float(v), epoch_1000x)
-        if update and stop_flag is not None and stop_flag.should_stop(device):
+        lr = optimizer.param_groups[0]['lr']
+        metric_logger.update(lr=lr)
+        reader.record(step, lr, update, loss=loss.detach(), **logs)
+        if i % args.print_freq == 0 or i == total - 1:  # the read: the one host-device synchronisation
+            stop_requested = reader.read() or stop_requested
+        if stop_requested and update and i < total - 1:
             step, interrupted = step + 1, True
             break
+    if reader.steps:  # stopped between reads: read the rest before anything is saved
+        reader.read()
     if not interrupted:
         step = steps_per_epoch
     metric_logger.synchronize_between_processes()

@@ -87,6 +87,7 @@ def add_common_args(parser, batch_size, epochs, blr, warmup_epochs):
     parser.add_argument('--dist_eval', action='store_true', help='split evaluation across processes')
     parser.add_argument('--save_freq', default=20, type=int)
     parser.add_argument('--print_freq', default=20, type=int)
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model (the DDP-wrapped one under torchrun)')
     misc.add_dist_args(parser)
 
 
@@ -174,10 +175,13 @@ def place(model, args):
     model.to(args.device)
     print(f'model: {args.model}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3f}M trainable')
     set_lr(args)
+    wrapped = model
     if args.distributed:
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if args.device.type == 'cuda' else None), model
-    return model, model
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    if getattr(args, 'compile', False):  # after DDP, as main_pretrain; checkpoints use the bare model
+        wrapped = torch.compile(wrapped)
+    return wrapped, model
 
 
 def set_lr(args):
@@ -204,7 +208,7 @@ def main(args):
         models_vit.init_head(model, std=2e-5)  # as MAE: a tiny head keeps the start close to the features
     model, model_without_ddp = place(model, args)
     param_groups = param_groups_lrd(model_without_ddp, args.weight_decay, layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    optimizer = misc.adamw(param_groups, args.device, lr=args.lr)  # fused on CUDA
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # smoothing is done in mixup's label mixing
     elif args.smoothing > 0.:

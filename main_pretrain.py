@@ -44,8 +44,9 @@ def get_args_parser():
     parser.set_defaults(norm_pix_loss=False)
     parser.add_argument('--decoder_depth', default=None, type=int, help='default: the factory\'s (8)')
     parser.add_argument('--attn', default='sdpa', choices=['sdpa', 'math'], help='attention implementation')
-    parser.add_argument('--flash_attn', action='store_true', help='flash-attn on CUDA when installed, else SDPA')
-    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--flash_attn', action='store_true',
+                        help='CUDA, bf16/fp16: the flash-attn package when installed, else SDPA held to its flash kernel')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model (the DDP-wrapped one under torchrun)')
     # --- masks
     parser.add_argument('--mask_type', default='random', choices=masking.MASK_TYPES,
                         help='random (MAE), ColorMAE white/red/blue/green/purple, block (BEiT), block2x2 (CMAE)')
@@ -92,7 +93,8 @@ def get_args_parser():
     parser.add_argument('--save_freq', default=20, type=int, help='also keep checkpoint-{epoch}.pth every N epochs')
     parser.add_argument('--print_freq', default=20, type=int)
     parser.add_argument('--vis_freq', default=20, type=int, help='TensorBoard reconstructions and masks every N epochs (0: off)')
-    parser.add_argument('--no_step_log', action='store_true', help='skip per-step TensorBoard scalars (saves a collective per step)')
+    parser.add_argument('--no_step_log', action='store_true',
+                        help='skip the per-step TensorBoard scalars (written every --print_freq steps, one point per step)')
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
     return misc.add_dist_args(parser)
 
@@ -142,12 +144,23 @@ def build_model(args):
         model = models_mae.MODELS[args.model](**kwargs)
     backend = args.attn
     if args.flash_attn:
-        if models_mae.flash_attn_func is None or args.device.type != 'cuda' or args.amp == 'none':
-            print('--flash_attn: flash-attn needs the flash_attn package, CUDA and --amp bf16/fp16; using PyTorch SDPA')
+        if args.device.type != 'cuda' or args.amp == 'none':
+            print('--flash_attn needs CUDA and --amp bf16/fp16; using PyTorch SDPA')
+        elif models_mae.flash_attn_func is None and not flash_sdpa_available(args.device):
+            print('--flash_attn: neither the flash_attn package nor SDPA\'s flash kernel (Ampere or newer) is here; '
+                  'using PyTorch SDPA')
         else:
             backend = 'flash'
+            print('--flash_attn: ' + ('the flash_attn package' if models_mae.flash_attn_func is not None
+                                      else 'SDPA held to its FlashAttention kernel (flash_attn is not installed)'))
     model.set_attention_backend(backend)
     return model
+
+
+def flash_sdpa_available(device):
+    """SDPA's FlashAttention kernel: built in and an sm80+ GPU."""
+    available = getattr(torch.backends.cuda, 'is_flash_attention_available', lambda: True)()
+    return models_mae.sdpa_kernel is not None and available and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def build_mask_generator(args, epoch, grid):
@@ -190,8 +203,8 @@ def main(args):
 
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model_without_ddp, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.95))
+    optimizer = misc.adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), args.device, lr=args.lr,
+                           betas=(0.9, 0.95))  # fused on CUDA
     loss_scaler = misc.LossScaler(args.device.type, enabled=args.amp == 'fp16')
     grid = model_without_ddp.grid_size
 
@@ -217,8 +230,8 @@ def main(args):
     if misc.is_main_process() and args.output_dir:
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
-    if args.compile:
-        model = torch.compile(model)
+    if args.compile:  # after DDP (its DDPOptimizer splits the graph at the gradient buckets); state dicts and
+        model = torch.compile(model)  # checkpoints use model_without_ddp, so their keys carry no _orig_mod.
     stop_flag = misc.StopFlag().install()
 
     def checkpoint(epoch, step_in_epoch=0):
@@ -274,6 +287,9 @@ def main(args):
                 log_writer.flush()
             with open(os.path.join(args.output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
                 f.write(json.dumps(log_stats) + '\n')
+        if epoch + 1 < args.epochs and stop_flag.should_stop(args.device):  # a signal at the epoch's end
+            print(f'stopped by signal after epoch {epoch}')
+            break
     if log_writer is not None:
         log_writer.close()
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')

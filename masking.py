@@ -158,8 +158,15 @@ class MaskGenerator:
         if self.patterns is not None:
             return -self._windows(batch_size).flatten(1)  # highest pattern values stay visible
         if self.mask_type == 'block2x2':
-            return self._block2x2(batch_size).to(self.device)
-        return self._beit_blocks(batch_size).to(self.device)
+            return self._to_device(self._block2x2(batch_size))
+        return self._to_device(self._beit_blocks(batch_size))
+
+    def _to_device(self, t):
+        """CPU -> self.device without waiting for the GPU: pinned memory and a non_blocking copy on CUDA (a plain
+        .to() from pageable memory synchronises the stream every step)."""
+        if self.device.type != 'cuda':
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _windows(self, n):
         """A random window of the patch grid's size from a random pattern per sample, randomly flipped."""
@@ -171,7 +178,7 @@ class MaskGenerator:
         flip = torch.rand(n, 2, generator=self.rng) < 0.5
         rows = torch.where(flip[:, :1], gh - 1 - torch.arange(gh), torch.arange(gh)) + top  # [n, gh]
         cols = torch.where(flip[:, 1:], gw - 1 - torch.arange(gw), torch.arange(gw)) + left  # [n, gw]
-        idx, rows, cols = (t.to(self.device, non_blocking=True) for t in (idx, rows, cols))
+        idx, rows, cols = (self._to_device(t) for t in (idx, rows, cols))
         return self.patterns[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # [n, gh, gw]
 
     def _block2x2(self, n):

@@ -86,9 +86,11 @@ class ContrastiveMAE(MaskedAutoencoderViT):
 
     @torch.no_grad()
     def update_target(self, m):
-        """theta_t <- m * theta_t + (1 - m) * theta_online for the target encoder and projector."""
-        for t, o in self.target_pairs():
-            t.mul_(m).add_(o.detach(), alpha=1 - m)
+        """theta_t <- m * theta_t + (1 - m) * theta_online for the target encoder and projector (foreach: a few
+        kernels for all tensors on CUDA, the same arithmetic as t.mul_(m).add_(o, alpha=1 - m))."""
+        targets, online = zip(*[(t, o.detach()) for t, o in self.target_pairs()])
+        torch._foreach_mul_(targets, m)
+        torch._foreach_add_(targets, online, alpha=1 - m)
 
     def forward_feature_decoder(self, latent, ids_restore):
         """latent: [N, 1 + len_keep, D] -> mean over all patch positions of the decoded features [N, D]"""

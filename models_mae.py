@@ -23,12 +23,22 @@ try:  # optional; used only where asked for, on CUDA with half precision
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch < 2.3
+    SDPBackend = sdpa_kernel = None
 
 
 def attention(q, k, v, backend='sdpa'):
-    """q: [N, H, Lq, d], k, v: [N, H, Lk, d] -> [N, H, Lq, d]; softmax(q k^T / sqrt(d)) v by any backend."""
-    if backend == 'flash' and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    """q: [N, H, Lq, d], k, v: [N, H, Lk, d] -> [N, H, Lq, d]; softmax(q k^T / sqrt(d)) v by any backend.
+    'flash' on CUDA in half precision: flash-attn's kernel when the package is installed, else SDPA held to
+    its FlashAttention kernel (an error, not a silent fallback, where that kernel cannot run)."""
+    if backend == 'flash' and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if flash_attn_func is not None:
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        if sdpa_kernel is not None:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
     if backend == 'math':  # explicit, for attention maps and reference checks
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
@@ -182,7 +192,8 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     def set_attention_backend(self, backend):
-        """'sdpa' (default), 'flash' (flash-attn on CUDA in half precision, else SDPA) or 'math'."""
+        """'sdpa' (default), 'flash' (on CUDA in half precision: flash-attn, else SDPA's flash kernel; SDPA
+        elsewhere) or 'math'."""
         for m in self.modules():
             if isinstance(m, (Attention, CrossAttention)):
                 m.backend = backend

@@ -25,12 +25,16 @@ CONFIGS = {  # name: (factory, img_size, patch, dim, depth, heads, dec_dim, dec_
 }
 
 
-def matmul_rate(n=2048, reps=10):
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n=2048, reps=10, device='cpu', dtype=torch.float32):
+    """FLOP/s of an n x n matmul (fp32 on the CPU by default; on CUDA synchronised around the timed loop)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
     a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 

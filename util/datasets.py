@@ -3,9 +3,12 @@
 Corrupt or truncated images are skipped with a warning naming the file (the next image is used instead);
 non-RGB images (greyscale, CMYK, palette) are converted to RGB.
 """
+import multiprocessing
 import os
+import random
 import sys
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets, transforms
@@ -143,11 +146,17 @@ def balanced_subset(samples, num_classes, n):
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (also for one process) whose epoch can start part-way: `start_index` samples of
-    this rank's order are skipped, so a run stopped mid-epoch continues with the samples it had not seen."""
+    this rank's order are skipped, so a run stopped mid-epoch continues with the samples it had not seen.
+    set_epoch also updates `shared_epoch` (shared memory read by the loader workers), when there is one."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.start_index = 0
+        self.start_index, self.shared_epoch = 0, None
+
+    def set_epoch(self, epoch):
+        super().set_epoch(epoch)
+        if self.shared_epoch is not None:
+            self.shared_epoch.value = epoch
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.start_index:])
@@ -156,14 +165,52 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start_index
 
 
+class SeededPerSample(torch.utils.data.Dataset):
+    """The dataset as persistent loader workers see it: before each sample, torch, random and numpy are seeded
+    from (seed, rank, epoch, index), so a sample's augmentation depends only on those -- not on which worker
+    drew it or what that worker drew before. Fresh workers per epoch got this from seeds drawn by the main
+    process; workers kept across epochs would otherwise carry their streams on, and a run resumed at an epoch
+    boundary would no longer equal an uninterrupted one. The epoch comes from the sampler (shared memory);
+    other attributes (classes, samples, root, ...) pass through to the wrapped dataset."""
+
+    def __init__(self, dataset, seed, rank, shared_epoch):
+        self.dataset, self.seed, self.rank, self.shared_epoch = dataset, seed, rank, shared_epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        s = self.seed
+        for v in (self.rank, self.shared_epoch.value, index):
+            s = (s * 1_000_003 + v) % (1 << 62)
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % (1 << 32))
+        return self.dataset[index]
+
+    def __getattr__(self, name):
+        if name.startswith('__') or name in ('dataset', 'seed', 'rank', 'shared_epoch'):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def build_loader(dataset, args, shuffle=True, drop_last=True, batch_size=None, split=True):
     """DataLoader with a ResumableSampler (one process: one replica), so that the order depends only on
-    (seed, epoch) and resumes reproduce it. split=False: every process reads the whole dataset."""
-    sampler = ResumableSampler(dataset, num_replicas=args.world_size if split else 1, rank=args.rank if split else 0,
+    (seed, epoch) and resumes reproduce it. split=False: every process reads the whole dataset. On CUDA the
+    batches come in pinned memory (for non_blocking copies). With --num_workers > 0 the workers persist across
+    epochs (the sampler runs in the main process, so set_epoch and start_index still apply), keep
+    --prefetch_factor batches each, and see the dataset through SeededPerSample."""
+    rank = args.rank if split else 0
+    sampler = ResumableSampler(dataset, num_replicas=args.world_size if split else 1, rank=rank,
                                shuffle=shuffle, seed=args.seed, drop_last=drop_last and shuffle)
+    workers = args.num_workers
+    if workers > 0:
+        sampler.shared_epoch = multiprocessing.RawValue('q', 0)
+        dataset = SeededPerSample(dataset, args.seed, rank, sampler.shared_epoch)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size,
-                                       num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.type == 'cuda',
-                                       drop_last=drop_last, persistent_workers=False)
+                                       num_workers=workers, pin_memory=args.pin_mem and args.device.type == 'cuda',
+                                       drop_last=drop_last, persistent_workers=workers > 0,
+                                       prefetch_factor=getattr(args, 'prefetch_factor', 2) if workers > 0 else None)
 
 
 class CachedImageFolder(torch.utils.data.Dataset):

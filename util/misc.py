@@ -2,6 +2,7 @@
 import builtins
 import datetime
 import os
+import statistics
 import time
 from collections import defaultdict, deque
 
@@ -80,8 +81,30 @@ def autocast(args):
 
 
 def resolve_amp(args):
+    """--amp auto -> bf16 on CUDA, none (fp32) on CPU; on CUDA also applies the usual math settings (cuda_setup)."""
     if args.amp == 'auto':
         args.amp = 'bf16' if args.device.type == 'cuda' else 'none'
+    cuda_setup(args.device)
+
+
+def cuda_setup(device):
+    """The field's standard CUDA settings (timm, MAE): TF32 tensor cores for fp32 matmuls (cuDNN convolutions
+    already default to TF32) and cuDNN autotuning for the fixed input shapes. No-op off CUDA.
+    set_float32_matmul_precision('high') is the one switch that stays valid across torch 2.x (torch >= 2.9
+    refuses a mix of the legacy allow_tf32 flags and the new fp32_precision ones)."""
+    if torch.device(device).type != 'cuda':
+        return
+    torch.set_float32_matmul_precision('high')
+    torch.backends.cudnn.benchmark = True
+
+
+def adamw(params, device, **kwargs):
+    """torch.optim.AdamW, fused (one kernel per step for all parameters, and GradScaler steps without a host
+    read of found_inf) when every parameter is a floating tensor on CUDA; the foreach default elsewhere."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g['params'] if isinstance(g, dict) else [g])]
+    fused = torch.device(device).type == 'cuda' and all(p.is_cuda and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
 def all_reduce_mean(x):
@@ -93,8 +116,87 @@ def all_reduce_mean(x):
     return (t / get_world_size()).item()
 
 
+class DeviceMeters:
+    """Scalar metrics that stay on their device until read, so a training step never waits for the GPU.
+
+    update() only queues detached tensors (or plain numbers); read() brings everything queued since the last
+    read to the host in one device-to-host copy -- with reduce=True first averaged over the processes in one
+    all-reduce -- and adds it to running totals:
+
+        meters = misc.DeviceMeters()
+        for step, (x, y) in enumerate(loader):
+            ...
+            meters.update(loss=loss, acc1=acc1, n=x.shape[0])  # no host-device synchronisation
+            if step % print_freq == 0:
+                window = meters.read()       # {'loss': [value of each update since the last read], ...}
+        meters.read()
+        meters.averages()                    # {'loss': n-weighted mean of everything read}, host only
+
+    Values must be scalars (0-d or one element); `n` is the weight, not a name. With reduce=True every process must call read() at the same
+    point with the same names and numbers of updates (a collective)."""
+
+    def __init__(self):
+        self._queue = {}  # name -> ([tensor or float per update], [n per update])
+        self.total, self.count = defaultdict(float), defaultdict(float)
+
+    def __len__(self):
+        """Updates queued since the last read (the longest of the names)."""
+        return max((len(v) for v, _ in self._queue.values()), default=0)
+
+    def update(self, n=1, **values):
+        for k, v in values.items():
+            vals, ns = self._queue.setdefault(k, ([], []))
+            vals.append(v.detach() if isinstance(v, torch.Tensor) else float(v))
+            ns.append(n)
+
+    def read(self, reduce=False):
+        """-> {name: [float per update since the last read]}; one device-to-host copy, no copy when nothing is
+        queued on a device (and nothing to reduce)."""
+        return {k: vals for k, (vals, _) in self._read(reduce).items()}
+
+    def _read(self, reduce):
+        queue, self._queue = self._queue, {}
+        names = sorted(queue)  # the same order on every process
+        flat = [v for k in names for v in queue[k][0]]
+        on_device = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+        on_host = [i for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)]
+        if reduce and get_world_size() > 1 and flat:  # everything through one all-reduce
+            device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' \
+                else torch.device('cpu')
+            parts = [_stack64([flat[i] for i in on_device], device)] if on_device else []
+            if on_host:  # plain numbers (e.g. a stop flag) ride along: one asynchronous copy
+                parts.append(torch.tensor([flat[i] for i in on_host], dtype=torch.float64).to(device, non_blocking=True))
+            t = torch.cat(parts)
+            dist.all_reduce(t)
+            order, values = on_device + on_host, (t / get_world_size()).tolist()  # the one synchronisation
+        elif on_device:
+            order = on_device
+            values = _stack64([flat[i] for i in on_device], flat[on_device[0]].device).tolist()  # the one sync
+        else:
+            order, values = [], []
+        for i, v in zip(order, values):
+            flat[i] = v
+        out, i = {}, 0
+        for k in names:
+            vals, ns = queue[k]
+            out[k] = (flat[i:i + len(vals)], ns)
+            i += len(vals)
+            for v, n in zip(*out[k]):
+                self.total[k] += v * n
+                self.count[k] += n
+        return out
+
+    def averages(self):
+        """-> {name: n-weighted mean of every value read so far} (host numbers; queued values are not included)."""
+        return {k: self.total[k] / max(self.count[k], 1e-12) for k in self.total}
+
+
+def _stack64(tensors, device):
+    return torch.stack([t.reshape(()).to(device, torch.float64) for t in tensors])
+
+
 class SmoothedValue:
-    """Tracks a series of values; reports the median/average over a window and the global average."""
+    """Tracks a series of host numbers; reports the median/average over a window and the global average."""
 
     def __init__(self, window_size=20, fmt='{median:.4f} ({global_avg:.4f})'):
         self.deque, self.total, self.count, self.fmt = deque(maxlen=window_size), 0.0, 0, fmt
@@ -111,15 +213,16 @@ class SmoothedValue:
                          device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
         dist.barrier()
         dist.all_reduce(t)
-        self.count, self.total = int(t[0].item()), t[1].item()
+        count, self.total = t.tolist()
+        self.count = int(count)
 
     @property
     def median(self):
-        return torch.tensor(list(self.deque)).median().item()
+        return statistics.median(self.deque) if self.deque else float('nan')
 
     @property
     def avg(self):
-        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+        return sum(self.deque) / len(self.deque) if self.deque else float('nan')
 
     @property
     def global_avg(self):
@@ -127,27 +230,46 @@ class SmoothedValue:
 
     @property
     def value(self):
-        return self.deque[-1]
+        return self.deque[-1] if self.deque else float('nan')
 
     def __str__(self):
         return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
 
 
 class MetricLogger:
+    """Named SmoothedValues. update() takes host numbers, and tensors, which are queued on their device (a
+    DeviceMeters) and read in one transfer by flush() -- called by printing and by synchronize_between_processes,
+    i.e. every print_freq steps of log_every -- so updating with tensors does not synchronise per step."""
+
     def __init__(self, delimiter='  '):
         self.meters, self.delimiter = defaultdict(SmoothedValue), delimiter
+        self.pending = DeviceMeters()
 
-    def update(self, **kwargs):
+    def update(self, n=1, **kwargs):
         for k, v in kwargs.items():
-            self.meters[k].update(v.item() if isinstance(v, torch.Tensor) else float(v))
+            if isinstance(v, torch.Tensor):
+                self.pending.update(n=n, **{k: v})
+            else:
+                self.meters[k].update(float(v), n)
+
+    def flush(self, reduce=False):
+        """Reads the queued tensors (one copy; reduce=True: averaged over the processes, a collective) into the
+        meters. -> {name: [value per update]} of what was read."""
+        window = self.pending._read(reduce)
+        for k, (vals, ns) in window.items():
+            for v, n in zip(vals, ns):
+                self.meters[k].update(v, n)
+        return {k: vals for k, (vals, _) in window.items()}
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
 
     def __str__(self):
+        self.flush()
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
 
     def synchronize_between_processes(self):
+        self.flush()
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
@@ -176,6 +298,8 @@ def add_dist_args(parser):
                         help='autocast dtype; auto = bf16 on CUDA, none (fp32) on CPU')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--num_workers', default=4, type=int)
+    parser.add_argument('--prefetch_factor', default=2, type=int,
+                        help='batches each loader worker prepares ahead (with --num_workers > 0; workers persist across epochs)')
     parser.add_argument('--pin_mem', action='store_true', default=True)
     parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
