@@ -253,6 +253,7 @@ def main(args):
     print(f'start training for {args.epochs} epochs')
     start_time, mask_gen, vis_imgs = time.time(), None, None
     for epoch in range(args.start_epoch, args.epochs):
+        epoch_start = time.time()
         if mask_gen is None or mask_gen.mask_type != masking.mask_type_at(epoch, args.mask_type, args.schedule):
             mask_gen = build_mask_generator(args, epoch, grid)
             if mask_state is not None and mask_state['mask_type'] == mask_gen.mask_type:
@@ -281,7 +282,8 @@ def main(args):
                 vis_imgs = torch.stack([vis_imgs[i][0] for i in range(len(vis_imgs))]).to(args.device)
             log_to_tensorboard(log_writer, model_without_ddp, vis_imgs, mask_gen, args.mask_ratio,
                                args.kept_mask_ratio, epoch, seed=args.seed)
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
+                     'epoch_time_s': time.time() - epoch_start}  # training + checkpoints (a resumed epoch: its rest)
         if args.output_dir and misc.is_main_process():
             if log_writer is not None:
                 log_writer.flush()

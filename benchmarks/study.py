@@ -1,24 +1,37 @@
-"""Small-scale study on Imagenette at 64 px with one small ViT: equal pretraining budgets for every method, then
-k-NN (k = 20, 200), a quick linear probe on frozen features and a short fine-tune, against the untrained encoder
-and training from scratch. Writes RESULTS.md with the table, plots and the commands it ran.
+"""Small-scale study on Imagenette at 64 px with one small ViT: every method at an equal pretraining budget, then
+k-NN (k = 20, 200), a quick linear probe on frozen features and a short fine-tune, against the untrained encoder,
+raw pixels and training from scratch; seeds, equal wall-clock, a long MAE run and CamVid segmentation transfer.
+Writes RESULTS.md (benchmarks/study_report.py) with the tables, a computed reading, plots and the commands.
 
-    python benchmarks/study.py                                   # every cell (about 2 hours on 2 cores)
-    python benchmarks/study.py --cells mae,untrained,scratch     # a subset; results of other cells are kept
-    python benchmarks/study.py --rerun mae                       # pretrain + k-NN of a cell again, compared
-Each cell's outputs stay in --out_dir/<cell>; a cell whose summary.json exists is not run again (--force reruns
-it from scratch); an interrupted cell keeps its finished pretraining and k-NN results.
+    python benchmarks/study.py                          # the whole plan, in order (about 5.5 hours on 2 cores)
+    python benchmarks/study.py --cells mae,mae-seed1    # some units; the results of the others are kept
+    python benchmarks/study.py --report                 # only rewrite RESULTS.md from what has run
+    python benchmarks/study.py --device cuda --epochs 50 --out_dir study_gpu --results RESULTS_gpu.md
+
+Units (each in --out_dir/<unit>, done when its summary.json exists; --force reruns the named units):
+- `<method>`: pretraining (seed 0) + k-NN/probe at 3 checkpoints + a fine-tune; `<method>-seed<k>`: another
+  pretraining seed, k-NN/probe only; `<method>-eqtime`: the method pretrained for the wall-clock MAE-random took
+  for its epochs, epochs set from the measured epoch times (the MAE and method cells run first);
+  `mae-long`: MAE-random for at most --long_minutes of pretraining, k-NN every --long_knn_every epochs;
+- the floors `untrained`, `pixels16`, `pixels32` (k-NN/probe) and `scratch` (fine-tune from random init);
+- `seg:<method or random>-seed<k>`: UperNet fine-tuned on CamVid from the method cell's final checkpoint.
+An interrupted unit keeps its finished pretraining (pretrain_wall_s.txt) and k-NN table.
 """
 import argparse
 import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import study_report  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {  # cell: extra pretraining flags
+METHODS = {  # method: extra pretraining flags
     'mae': ['--mask_type', 'random'],
     'colormae_green': ['--mask_type', 'green'],
     'colormae_red': ['--mask_type', 'red'],
@@ -29,45 +42,74 @@ METHODS = {  # cell: extra pretraining flags
     'cmae': ['--contrastive', '--mask_type', 'block2x2', '--mask_ratio', '0.65', '--proj_hidden_dim', '768',
              '--proj_dim', '128'],
 }
-FLOORS = {  # cell: main_knn.py model flags (None: the study's ViT, untrained); k-NN only
+SEEDED = ['mae', 'colormae_green', 'crossmae_kept025', 'cmae']  # three pretraining seeds, two segmentation seeds
+EQTIME = ['crossmae_kept025', 'cmae']  # also at MAE-random's wall-clock
+FLOORS = {  # unit: main_knn.py model flags (None: the study's ViT, untrained); k-NN only
     'untrained': None,
     'pixels16': ['--model', 'pixels', '--pixel_size', '16'],
     'pixels32': ['--model', 'pixels', '--pixel_size', '32'],
 }
-CELLS = list(METHODS) + list(FLOORS) + ['scratch']
-COLORS = {'mae': 'black', 'colormae_green': 'tab:green', 'colormae_red': 'tab:red', 'colormae_blue': 'tab:blue',
-          'colormae_purple': 'tab:purple', 'crossmae_kept075': 'tab:orange', 'crossmae_kept025': 'tab:brown',
-          'cmae': 'tab:cyan'}
-FLOORS_STYLE = {'untrained': '--', 'pixels16': ':', 'pixels32': '-.'}
 
 
-def get_args():
+def get_args(argv=None):
     p = argparse.ArgumentParser('Imagenette 64 px study')
-    p.add_argument('--cells', default=','.join(CELLS))
+    p.add_argument('--cells', default='', help='comma-separated units (default: the whole plan, in its order)')
+    p.add_argument('--report', action='store_true', help='only write RESULTS.md from the finished units')
+    p.add_argument('--force', action='store_true', help='run the named units again from scratch')
     p.add_argument('--data_path', default=os.path.join(ROOT, '..', 'shared', 'data', 'imagenette2-224'))
     p.add_argument('--out_dir', default=os.path.join(ROOT, 'study_runs'))
     p.add_argument('--results', default=os.path.join(ROOT, 'RESULTS.md'))
     p.add_argument('--model', default='micro_patch8')
     p.add_argument('--input_size', default=64, type=int)
-    p.add_argument('--epochs', default=7, type=int, help='pretraining epochs (the same for every method)')
-    p.add_argument('--knn_every', default=0, type=int, help='k-NN every N epochs (default: epochs // 2 and the end)')
+    p.add_argument('--epochs', default=7, type=int, help='pretraining epochs of every method cell')
+    p.add_argument('--seeds', default='0,1,2', help=f'pretraining seeds of {", ".join(SEEDED)}')
     p.add_argument('--ft_epochs', default=2, type=int)
     p.add_argument('--probe_epochs', default=30, type=int)
+    p.add_argument('--long_minutes', default=60., type=float, help='pretraining budget of mae-long')
+    p.add_argument('--long_knn_every', default=5, type=int, help='k-NN of mae-long every N epochs')
     p.add_argument('--num_workers', default=2, type=int)
-    p.add_argument('--force', action='store_true')
-    p.add_argument('--rerun', default='', help='run this method cell again (pretraining + k-NN, same command) in '
-                   '<out_dir>/rerun-<cell>-seed<seed> and report the k-NN difference')
-    p.add_argument('--seed', default=0, type=int, help='pretraining seed (the study itself uses 0)')
+    p.add_argument('--device', default='auto', help='auto, cuda or cpu (for every script the study runs)')
     # --- segmentation transfer: UperNet fine-tuned on CamVid from a cell's final checkpoint (or random init)
-    p.add_argument('--seg', action='store_true', help='run the segmentation column (only it) and update its section')
-    p.add_argument('--seg_cells', default='mae,random', help='method cells (pretrained first if needed) and random')
-    p.add_argument('--seg_seeds', default='0,1', help='fine-tuning seeds of each segmentation cell')
+    p.add_argument('--seg_seeds', default='0,1', help=f'fine-tuning seeds of {", ".join(SEEDED)} and random '
+                   '(the other methods: the first)')
     p.add_argument('--seg_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'camvid'))
     p.add_argument('--seg_size', default=96, type=int, help='crop = short side of the rescaled CamVid frames')
     p.add_argument('--seg_epochs', default=8, type=int)
     p.add_argument('--seg_lr', default='1e-3', help='AdamW lr (absolute) of the segmentation fine-tunes')
-    p.add_argument('--device', default='auto', help='auto, cuda or cpu (for every script the study runs)')
-    return p.parse_args()
+    return p.parse_args(argv)
+
+
+def plan(a):
+    """Every unit in the order the study runs them: the claims' cells and their seeds first."""
+    seeds, seg_seeds = [int(s) for s in a.seeds.split(',')], [int(s) for s in a.seg_seeds.split(',')]
+    units = SEEDED + list(FLOORS) + ['scratch']
+    units += [f'{m}-seed{s}' for s in seeds if s != 0 for m in SEEDED]
+    units += [f'{m}-eqtime' for m in EQTIME]
+    units += [f'seg:{c}-seed{s}' for c in SEEDED + ['random'] for s in seg_seeds]
+    units += ['mae-long']
+    others = [m for m in METHODS if m not in SEEDED]
+    return units + others + [f'seg:{m}-seed{seg_seeds[0]}' for m in others]
+
+
+def parse_unit(unit):
+    """-> (kind, method or floor, seed) for a unit name."""
+    if unit.startswith('seg:'):
+        cell, _, seed = unit[4:].rpartition('-seed')
+        if (cell in METHODS or cell == 'random') and seed.isdigit():
+            return 'seg', cell, int(seed)
+    elif unit in METHODS:
+        return 'method', unit, 0
+    elif unit in FLOORS or unit == 'scratch':
+        return unit if unit == 'scratch' else 'floor', unit, 0
+    elif unit == 'mae-long':
+        return 'long', 'mae', 0
+    elif unit.endswith('-eqtime') and unit[:-7] in METHODS:
+        return 'eqtime', unit[:-7], 0
+    else:
+        method, _, seed = unit.rpartition('-seed')
+        if method in METHODS and seed.isdigit():
+            return 'method', method, int(seed)
+    raise ValueError(f'unknown unit {unit!r}')
 
 
 def run(cmd, log):
@@ -83,12 +125,38 @@ def device_args(a):
     return [] if a.device == 'auto' else ['--device', a.device]
 
 
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
+
+
+def summary_of(a, unit):
+    path = os.path.join(a.out_dir, unit, 'summary.json')
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def pretrain(a, method, out, seed=0, epochs=None, warmup=1, save_freq=None):
+    """A method's pretraining (skipped when done before) -> (wall-clock seconds, command)"""
+    os.makedirs(out, exist_ok=True)
+    epochs = epochs or a.epochs
+    cmd = ['main_pretrain.py', '--model', f'mae_vit_{a.model}', '--input_size', str(a.input_size), '--data_path',
+           a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--norm_pix_loss', '--batch_size',
+           '128', '--blr', '1.5e-3', '--epochs', str(epochs), '--warmup_epochs', str(warmup), '--save_freq',
+           str(save_freq or max(epochs // 2, 1)), '--vis_freq', '0', '--output_dir', out, *METHODS[method]]
+    cmd += (['--seed', str(seed)] if seed else []) + device_args(a)
+    wall_file = os.path.join(out, 'pretrain_wall_s.txt')
+    if not os.path.exists(wall_file):  # a unit interrupted later on keeps its pretraining
+        wall = run(cmd, os.path.join(out, 'study.log'))
+        with open(wall_file, 'w') as f:
+            f.write(str(wall))
+    return float(open(wall_file).read()), cmd
+
+
 def knn(a, ckpts, out, log, model_args=None):
     """k-NN and quick probe of checkpoints (one decoding of the data; the table in `out` is not computed again).
     -> one result dict per checkpoint, the command"""
     cmd = ['main_knn.py', *(model_args or ['--model', f'vit_{a.model}']), '--input_size', str(a.input_size),
            '--data_path', a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--ks', '20', '200',
-           '--probe_epochs', str(a.probe_epochs), '--output', out] + (['--checkpoint', *ckpts] if ckpts else [])
+           '--probe_epochs', str(a.probe_epochs), '--output', out] + (['--finetune', *ckpts] if ckpts else [])
     cmd += device_args(a)
     if not os.path.exists(out):
         run(cmd, log)
@@ -104,327 +172,138 @@ def finetune(a, ckpt, out, log):
     cmd += (['--finetune', ckpt] if ckpt else []) + device_args(a)
     shutil.rmtree(out, ignore_errors=True)  # always a fresh fine-tune, never a resume
     wall = run(cmd, log)
-    return max(r['test_acc1'] for r in map(json.loads, open(os.path.join(out, 'log.txt')))), wall, cmd
+    return max(r['test_acc1'] for r in read_log(out)), wall, cmd
 
 
-def pretrain(cell, a, out, log):
-    """The method cell's pretraining (skipped when done before) -> (wall-clock seconds, command)"""
+def epoch_time(a, unit):
+    """Median seconds per pretraining epoch of a finished unit (robust to a slow epoch on a shared machine)."""
+    s = summary_of(a, unit)
+    if s is None:
+        raise RuntimeError(f'{unit} has to run first: its epoch time sets the budget of this unit')
+    return statistics.median(r['epoch_time_s'] for r in s['log'])
+
+
+def budget(a, kind, method):
+    """-> (epochs, warmup epochs, save_freq, note) of an equal-time or long unit, from measured epoch times."""
+    mae = summary_of(a, 'mae') or {}
+    if kind == 'eqtime':
+        mae_time = sum(r['epoch_time_s'] for r in mae.get('log', [])) or epoch_time(a, 'mae')
+        t = epoch_time(a, method)
+        epochs = max(1, round(mae_time / t))
+        note = (f'MAE-random trained {mae_time:.0f} s for {a.epochs} epochs; {method} takes {t:.1f} s per epoch '
+                f'(median of its {a.epochs}): {epochs} epochs')
+        return epochs, 1, max(epochs // 2, 1), note
+    t = epoch_time(a, 'mae')
+    epochs = max(a.epochs, int(a.long_minutes * 60 / t * 0.97))  # 3% margin: stay inside the budget
+    warmup = max(1, round(epochs / a.epochs))  # the 7-epoch recipe's 1 warmup epoch, scaled
+    note = (f'MAE-random at {t:.1f} s per epoch (median of the mae cell): {epochs} epochs in {a.long_minutes:.0f} '
+            f'minutes, warmup {warmup}')
+    return epochs, warmup, a.long_knn_every, note
+
+
+def run_pretrain_unit(a, unit, kind, method, seed):
+    out = os.path.join(a.out_dir, unit)
     os.makedirs(out, exist_ok=True)
-    every = a.knn_every or max(a.epochs // 2, 1)
-    cmd = ['main_pretrain.py', '--model', f'mae_vit_{a.model}', '--input_size', str(a.input_size), '--data_path',
-           a.data_path, '--cache_data', '--num_workers', str(a.num_workers), '--norm_pix_loss', '--batch_size',
-           '128', '--blr', '1.5e-3', '--epochs', str(a.epochs), '--warmup_epochs', '1', '--save_freq', str(every),
-           '--vis_freq', '0', '--output_dir', out, *METHODS[cell]] + (['--seed', str(a.seed)] if a.seed else [])
-    cmd += device_args(a)
-    wall_file = os.path.join(out, 'pretrain_wall_s.txt')
-    if not os.path.exists(wall_file):  # a cell interrupted later on keeps its pretraining
-        wall = run(cmd, log)
-        with open(wall_file, 'w') as f:
-            f.write(str(wall))
-    return float(open(wall_file).read()), cmd
-
-
-def run_cell(cell, a, out, with_finetune=True):
-    os.makedirs(out, exist_ok=True)
-    log = os.path.join(out, 'study.log')
-    summary = {'cell': cell, 'commands': []}
-    ckpt = ''
-    if cell in METHODS:
-        summary['pretrain_wall_s'], cmd = pretrain(cell, a, out, log)
-        summary['commands'].append(cmd)
-        summary['log'] = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
-        ckpts = sorted(glob.glob(os.path.join(out, 'checkpoint-*.pth')), key=lambda p: int(p.split('-')[-1][:-4]))
-        results, kcmd = knn(a, ckpts, os.path.join(out, 'knn.md'), log)
-        summary['knn_curve'] = [{'epoch': int(c.split('-')[-1][:-4]) + 1, **r} for c, r in zip(ckpts, results)]
-        summary['commands'].append(kcmd)
-        summary.update(summary['knn_curve'][-1])
-        ckpt = ckpts[-1]
-    elif cell in FLOORS:
-        res, kcmd = knn(a, [], os.path.join(out, 'knn.md'), log, FLOORS[cell])
-        summary.update(res[0])
-        summary['commands'].append(kcmd)
-    if cell not in FLOORS and with_finetune:
-        acc, wall, fcmd = finetune(a, ckpt, os.path.join(out, 'finetune'), log)
+    summary = {'unit': unit, 'kind': kind, 'method': method, 'seed': seed, 'epochs': a.epochs, 'commands': [],
+               'root': ROOT}
+    epochs, warmup, save_freq, note = a.epochs, 1, None, ''
+    if kind in ('eqtime', 'long'):
+        epochs, warmup, save_freq, note = budget(a, kind, method)
+        summary.update(epochs=epochs, budget_note=note)
+    summary['pretrain_wall_s'], cmd = pretrain(a, method, out, seed, epochs, warmup, save_freq)
+    summary['commands'].append(cmd)
+    summary['log'] = read_log(out)
+    ckpts = sorted(glob.glob(os.path.join(out, 'checkpoint-*.pth')), key=lambda p: int(p.split('-')[-1][:-4]))
+    results, kcmd = knn(a, ckpts, os.path.join(out, 'knn.md'), os.path.join(out, 'study.log'))
+    summary['commands'].append(kcmd)
+    elapsed = [sum(r['epoch_time_s'] for r in summary['log'][:e + 1]) for e in range(len(summary['log']))]
+    summary['train_time_s'] = elapsed[-1]
+    summary['knn_curve'] = [{'epoch': int(c.split('-')[-1][:-4]) + 1, 'time_s': elapsed[int(c.split('-')[-1][:-4])],
+                             **r} for c, r in zip(ckpts, results)]
+    summary.update(summary['knn_curve'][-1])
+    if kind == 'method' and seed == 0:
+        acc, wall, fcmd = finetune(a, ckpts[-1], os.path.join(out, 'finetune'), os.path.join(out, 'study.log'))
         summary.update(finetune_acc1=acc, finetune_wall_s=wall)
         summary['commands'].append(fcmd)
-    with open(os.path.join(out, 'summary.json'), 'w') as f:
+    return summary
+
+
+def run_unit(a, unit):
+    kind, cell, seed = parse_unit(unit)
+    if kind == 'seg':
+        return segment(a, cell, seed)
+    if kind in ('method', 'eqtime', 'long'):
+        summary = run_pretrain_unit(a, unit, kind, cell, seed)
+    else:
+        out = os.path.join(a.out_dir, unit)
+        os.makedirs(out, exist_ok=True)
+        summary = {'unit': unit, 'kind': kind, 'method': cell, 'seed': 0, 'commands': [], 'root': ROOT}
+        if kind == 'floor':
+            res, kcmd = knn(a, [], os.path.join(out, 'knn.md'), os.path.join(out, 'study.log'), FLOORS[cell])
+            summary.update(res[0])
+            summary['commands'].append(kcmd)
+        else:  # scratch: the fine-tune from random init
+            acc, wall, fcmd = finetune(a, '', os.path.join(out, 'finetune'), os.path.join(out, 'study.log'))
+            summary.update(finetune_acc1=acc, finetune_wall_s=wall)
+            summary['commands'].append(fcmd)
+    with open(os.path.join(a.out_dir, unit, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
-def segment(cell, seed, a):
+def segment(a, cell, seed):
     """UperNet on CamVid from `cell`'s final checkpoint ('random': no pretraining); the same budget for all.
     -> summary dict (test mIoU, aAcc, per-class IoU, wall-clock, command)"""
     out = os.path.join(a.out_dir, 'seg', f'{cell}-seed{seed}')
-    done = os.path.join(out, 'summary.json')
-    if os.path.exists(done) and not a.force:
-        return json.load(open(done))
     cmd = ['main_segmentation.py', '--model', f'vit_{a.model}', '--data_path', a.seg_data, '--input_size',
            str(a.seg_size), '--batch_size', '8', '--epochs', str(a.seg_epochs), '--warmup_iters', '40', '--lr', a.seg_lr,
            '--layer_decay', '0.65', '--weight_decay', '0.05', '--drop_path', '0.1', '--head_channels', '64',
            '--aux_channels', '32', '--num_workers', str(a.num_workers), '--eval_batch_size', '8', '--seed', str(seed),
            '--save_freq', '1000', '--output_dir', out, *device_args(a)]
     if cell != 'random':
-        cell_dir = os.path.join(a.out_dir, cell)
-        pretrain(cell, a, cell_dir, os.path.join(cell_dir, 'study.log'))
-        cmd += ['--finetune', os.path.join(cell_dir, f'checkpoint-{a.epochs - 1}.pth')]
+        if summary_of(a, cell) is None:
+            run_unit(a, cell)  # the method cell (seed 0) first
+        cmd += ['--finetune', os.path.join(a.out_dir, cell, f'checkpoint-{a.epochs - 1}.pth')]
     shutil.rmtree(out, ignore_errors=True)  # a fresh fine-tune, never a resume
     os.makedirs(out)
     wall = run(cmd, os.path.join(out, 'study.log'))
-    last = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))][-1]
+    last = read_log(out)[-1]
     summary = {'cell': cell, 'seed': seed, 'miou': last['test_miou'], 'aacc': last['test_aacc'],
-               'macc': last['test_macc'], 'iou': last['test_iou'], 'wall_s': wall, 'command': cmd}
-    with open(done, 'w') as f:
+               'macc': last['test_macc'], 'iou': last['test_iou'], 'wall_s': wall, 'command': cmd, 'root': ROOT}
+    with open(os.path.join(out, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
-def mean_std(values):
-    m = sum(values) / len(values)
-    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else float('nan')
+def is_done(a, unit):
+    kind, cell, seed = parse_unit(unit)
+    sub = os.path.join('seg', f'{cell}-seed{seed}') if kind == 'seg' else unit
+    return os.path.exists(os.path.join(a.out_dir, sub, 'summary.json'))
 
 
-def segmentation_section(a):
-    """The RESULTS.md section of the segmentation column, from every finished run in <out_dir>/seg."""
-    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out_dir, 'seg', '*', 'summary.json')))]
-    if not runs:
-        return ''
-    classes = [c.strip() for c in open(os.path.join(a.seg_data, 'classes.txt')) if c.strip()]
-    cells = [c for c in [*METHODS, 'random'] if any(r['cell'] == c for r in runs)]
-    by = {c: sorted((r for r in runs if r['cell'] == c), key=lambda r: r['seed']) for c in cells}
-    rows, class_rows = [], []
-    for c in cells:
-        m, sd = mean_std([r['miou'] for r in by[c]])
-        per_seed = ' / '.join(f"{r['miou']:.2f}" for r in by[c])
-        rows.append(f"| {c} | {len(by[c])} | {m:.2f} ± {sd:.2f} | {per_seed} | "
-                    f"{mean_std([r['aacc'] for r in by[c]])[0]:.2f} | {sum(r['wall_s'] for r in by[c]) / len(by[c]):.0f} |")
-        for r in by[c]:
-            class_rows.append(f"| {c} | {r['seed']} | " + ' | '.join(f'{v:.1f}' for v in r['iou']) + ' |')
-    reading = []
-    if 'mae' in by and 'random' in by:
-        (m1, s1), (m0, s0) = mean_std([r['miou'] for r in by['mae']]), mean_std([r['miou'] for r in by['random']])
-        pooled = ((s1 ** 2 + s0 ** 2) / 2) ** 0.5
-        worst_mae, best_random = min(r['miou'] for r in by['mae']), max(r['miou'] for r in by['random'])
-        per_class = [(name, sum(r['iou'][i] for r in by['mae']) / len(by['mae'])
-                      - sum(r['iou'][i] for r in by['random']) / len(by['random'])) for i, name in enumerate(classes)]
-        per_class = sorted((d for d in per_class if abs(d[1]) >= 1), key=lambda d: -abs(d[1]))
-        reading.append(f"- UperNet from the MAE checkpoint: {m1:.2f} mIoU vs {m0:.2f} from random init "
-                       f"({m1 - m0:+.2f} = {(m1 - m0) / pooled:+.1f} pooled seed std of {pooled:.2f}); the lowest MAE "
-                       f"seed {'is above' if worst_mae > best_random else 'is NOT above'} the highest random-init seed "
-                       f"({worst_mae:.2f} vs {best_random:.2f}). "
-                       + ('A difference under 2 pooled std is inside the fine-tuning noise at this budget. '
-                          if abs(m1 - m0) < 2 * pooled else '')
-                       + 'Per class (mean IoU, MAE − random): '
-                       + ', '.join(f'{n} {d:+.1f}' for n, d in per_class) + '.')
-        learned = [n for i, n in enumerate(classes) if all(r['iou'][i] >= 1 for c in ('mae', 'random') for r in by[c])]
-        reading.append(f"- Classes above 1 IoU in every run: {', '.join(learned)} ({len(learned)} of {len(classes)}); "
-                       f"the thin and rare ones stay near 0 at {a.seg_size} px and {a.seg_epochs} epochs.")
-    for c in cells:
-        if c not in ('mae', 'random') and 'mae' in by:
-            d = mean_std([r['miou'] for r in by[c]])[0] - mean_std([r['miou'] for r in by['mae']])[0]
-            reading.append(f"- {c} vs MAE: {d:+.2f} mIoU.")
-    commands = '\n'.join(' '.join(['python', *r['command']]) for c in cells for r in by[c]).replace(ROOT + '/', '')
-    fig = os.path.join(a.out_dir, 'seg', 'mae-seed0', 'predictions.png')
-    if os.path.exists(fig):
-        shutil.copy(fig, os.path.join(ROOT, 'docs', 'seg_predictions.png'))
-    return f"""{SEG_HEADING}
-
-UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVid training frames and scored on
-all 233 test frames (11 classes, void ignored), from a study cell's final pretraining checkpoint or from random
-init, with the same budget for every cell: frames rescaled to a {a.seg_size} px short side (ratio 0.5–2.0),
-{a.seg_size} px crops, batch 8, {a.seg_epochs} epochs, AdamW lr {a.seg_lr} (40 warmup iterations, poly decay), layer
-decay 0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image evaluation at
-the {a.seg_size} px short side, predictions resized to the 360×480 labels. The last epoch is reported (no
-checkpoint is chosen on test). Fine-tuning seeds: {a.seg_seeds}.
-
-| cell | seeds | test mIoU (mean ± std) | per seed | aAcc | wall-clock per run (s) |
-|---|---:|---:|---:|---:|---:|
-{chr(10).join(rows)}
-
-{chr(10).join(reading)}
-
-Per-class test IoU:
-
-| cell | seed | {' | '.join(classes)} |
-|---|---:|{'---:|' * len(classes)}
-{chr(10).join(class_rows)}
-
-![CamVid test: image | ground truth | prediction](docs/seg_predictions.png)
-
-```
-{commands}
-```
-"""
-
-
-SEG_HEADING = '## Segmentation transfer: UperNet on CamVid'
-
-
-def write_segmentation(a):
-    """Replaces (or appends) the segmentation section of RESULTS.md; the rest of the file is left as it is."""
-    text = open(a.results).read() if os.path.exists(a.results) else ''
-    head = text.split(SEG_HEADING)[0].rstrip() + '\n\n' if text else ''
-    with open(a.results, 'w') as f:
-        f.write(head + segmentation_section(a))
-    print(f'wrote the segmentation section of {a.results}')
-
-
-def rerun(a):
-    """Pretraining and k-NN of a finished method cell again, in a fresh folder; the k-NN difference is recorded."""
-    study = os.path.join(a.out_dir, a.rerun, 'summary.json')
-    if a.rerun not in METHODS or not os.path.exists(study):
-        sys.exit(f'error: --rerun needs a finished method cell ({sorted(METHODS)}), no {study}')
-    study = json.load(open(study))
-    out = os.path.join(a.out_dir, f'rerun-{a.rerun}-seed{a.seed}')
-    shutil.rmtree(out, ignore_errors=True)
-    s = run_cell(a.rerun, a, out, with_finetune=False)
-    r = {'cell': a.rerun, 'seed': a.seed, 'knn20': s['knn20'], 'knn200': s['knn200'], 'knn20_study': study['knn20'],
-         'knn200_study': study['knn200'], 'pretrain_wall_s': s['pretrain_wall_s'], 'commands': s['commands']}
-    with open(os.path.join(out, 'rerun.json'), 'w') as f:
-        json.dump(r, f, indent=1)
-    print(f"{a.rerun} seed {a.seed}: k-NN k=20 {r['knn20']:.2f} (study {r['knn20_study']:.2f}, "
-          f"{r['knn20'] - r['knn20_study']:+.2f})")
-
-
-def reading_of(summaries, reruns):
-    """What the table says, computed from it (so it stays true when cells are re-run)."""
-    by = {s['cell']: s for s in summaries}
-    lines = []
-    if 'mae' in by and FLOORS.keys() <= by.keys():
-        floor = max(FLOORS, key=lambda c: by[c]['knn20'])
-        lines.append(f"- MAE k-NN (k=20) {by['mae']['knn20']:.2f} vs the best floor, {floor}, "
-                     f"{by[floor]['knn20']:.2f}: "
-                     f"{'above' if by['mae']['knn20'] > by[floor]['knn20'] else 'NOT above'}.")
-    if 'scratch' in by:
-        ft = [c for c in METHODS if c in by]
-        worse = [c for c in ft if by[c]['finetune_acc1'] <= by['scratch']['finetune_acc1']]
-        lines.append(f"- Fine-tune top-1 from scratch {by['scratch']['finetune_acc1']:.2f}; from pretraining "
-                     f"{min(by[c]['finetune_acc1'] for c in ft):.2f}–{max(by[c]['finetune_acc1'] for c in ft):.2f}"
-                     + (f"; not above scratch: {', '.join(worse)}." if worse else ': every method above scratch.'))
-    if 'mae' in by:
-        for word, pick in (('above', lambda d: d > 0), ('not above', lambda d: d <= 0)):
-            cells = [f"{c} ({by[c]['knn20'] - by['mae']['knn20']:+.2f})" for c in METHODS
-                     if c in by and c != 'mae' and pick(by[c]['knn20'] - by['mae']['knn20'])]
-            lines.append(f"- k-NN (k=20) {word} MAE-random: {', '.join(cells) or 'none'}.")
-    seeds = [abs(r['knn20'] - r['knn20_study']) for r in reruns if r['seed'] != 0]
-    if seeds:
-        lines.append(f"- Another pretraining seed moved MAE's k-NN (k=20) by {max(seeds):.2f} points ({len(seeds)} "
-                     f"rerun{'s' * (len(seeds) > 1)}): single runs do not resolve differences of that size.")
-    return 'Reading the table (computed from it):\n\n' + '\n'.join(lines) if lines else ''
-
-
-def write_results(a, summaries):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    docs = os.path.join(ROOT, 'docs')
-    os.makedirs(docs, exist_ok=True)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for s in summaries:
-        if 'log' in s:
-            key = 'train_loss_pixel' if 'train_loss_pixel' in s['log'][0] else 'train_loss'
-            c = COLORS.get(s['cell'])
-            ax1.plot([r['epoch'] + 1 for r in s['log']], [r[key] for r in s['log']], color=c, label=s['cell'])
-            ax2.plot([r['epoch'] for r in s['knn_curve']], [r['knn20'] for r in s['knn_curve']], 'o-', color=c,
-                     label=s['cell'])
-    for s in summaries:
-        if s['cell'] in FLOORS:
-            ax2.axhline(s['knn20'], color='gray', ls=FLOORS_STYLE[s['cell']], label=s['cell'])
-    ax1.set(xlabel='epoch', ylabel='pixel loss (norm_pix)', title='pretraining loss')
-    ax2.set(xlabel='pretraining epoch', ylabel='k-NN top-1 (k=20), %', title='k-NN on Imagenette val')
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(docs, 'study_curves.png'), dpi=80)
-    rows = []
-    for s in summaries:
-        f = lambda k, fmt='{:.2f}': fmt.format(s[k]) if k in s else '–'  # noqa: E731
-        rows.append(f"| {s['cell']} | {f('pretrain_wall_s', '{:.0f}')} | {f('knn20')} | {f('knn200')} | {f('probe')} | "
-                    f"{f('finetune_acc1')} | {f('finetune_wall_s', '{:.0f}')} |")
-    commands = '\n'.join(' '.join(['python', *c]) for s in summaries for c in s['commands']).replace(ROOT + '/', '')
-    notes = [f"- {s['cell']}: {open(os.path.join(a.out_dir, s['cell'], 'note.txt')).read().strip()}" for s in summaries
-             if os.path.exists(os.path.join(a.out_dir, s['cell'], 'note.txt'))]
-    missing = [c for c in CELLS if c not in {s['cell'] for s in summaries}]
-    reruns = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out_dir, 'rerun-*', 'rerun.json')))]
-    rerun_rows = '\n'.join(f"| {r['cell']} | {r['seed']} | {r['knn20_study']:.2f} | {r['knn20']:.2f} | "
-                           f"{r['knn20'] - r['knn20_study']:+.2f} | {r['knn200_study']:.2f} | {r['knn200']:.2f} | "
-                           f"{r['knn200'] - r['knn200_study']:+.2f} |" for r in reruns)
-    rerun_commands = '\n'.join(' '.join(['python', *c]) for r in reruns for c in r['commands']).replace(ROOT + '/', '')
-    reading = reading_of(summaries, reruns)
-    text = f"""# Results: a small-scale study on Imagenette at {a.input_size} px
-
-Every number here was measured by `python benchmarks/study.py` (the commands each cell ran are listed below) on
-2 CPU cores, fp32, with `mae_vit_{a.model}` / `vit_{a.model}` ({a.input_size} px, patch 8). Pretraining: the
-same budget for every method, {a.epochs} epochs over the 9,469 training images, batch 128, blr 1.5e-3,
-norm_pix_loss. Evaluation on the 3,925 validation images: weighted k-NN (cosine, T = 0.07, mean-pooled patch
-tokens + fc_norm), a quick linear probe (BatchNorm + Linear on frozen, non-augmented features, SGD,
-{a.probe_epochs} epochs), and a {a.ft_epochs}-epoch fine-tune (layer decay 0.75, mixup/cutmix, RandAugment)
-compared with training the same ViT from scratch for the same epochs. Floors from the dataset README: raw
-pixels 36–38% k-NN, a random ViT-Tiny/8 about 32%; measured here as the cells `untrained` (the same ViT, randomly
-initialised) and `pixels16` / `pixels32` (the {a.input_size} px evaluation images average-pooled to 16 or 32 px,
-flattened, mean-centred).
-
-| cell | pretrain wall-clock (s) | k-NN k=20 | k-NN k=200 | linear probe | fine-tune top-1 | fine-tune wall-clock (s) |
-|---|---:|---:|---:|---:|---:|---:|
-{chr(10).join(rows)}
-
-{'Cells not run yet: ' + ', '.join(missing) + '.' if missing else 'All cells were run.'} Wall-clock times are single runs on a
-shared 2-core machine (other work sometimes ran beside them): compare them loosely.{''.join(chr(10) + n for n in notes)}
-
-{reading}
-
-![curves](docs/study_curves.png)
-
-Reproducibility: `python benchmarks/study.py --rerun CELL [--seed N]` runs a cell's pretraining and k-NN again,
-with the study's command (and seed 0) or with another pretraining seed, in a separate folder.
-
-| cell | pretraining seed | k-NN k=20 (study) | k-NN k=20 (rerun) | Δ | k-NN k=200 (study) | k-NN k=200 (rerun) | Δ |
-|---|---:|---:|---:|---:|---:|---:|---:|
-{rerun_rows if reruns else '| (none run yet) | | | | | | | |'}
-
-Commands:
-
-```
-{commands}
-```
-
-Reruns:
-
-```
-{rerun_commands}
-```
-"""
-    with open(a.results, 'w') as fh:
-        fh.write(text.rstrip() + '\n\n' + segmentation_section(a))
-    print(f'wrote {a.results}')
-
-
-def main():
-    a = get_args()
-    unknown = [c for c in a.cells.split(',') if c not in CELLS]
-    if unknown:
-        sys.exit(f'error: unknown cells {unknown}; choose from {CELLS}')
+def main(argv=None):
+    a = get_args(argv)
+    units = [u for u in a.cells.split(',') if u] or plan(a)
+    try:
+        [parse_unit(u) for u in units]
+    except ValueError as e:
+        sys.exit(f'error: {e}; units: {", ".join(plan(a))} (any <method>-seed<k>, seg:<method|random>-seed<k>)')
     os.makedirs(a.out_dir, exist_ok=True)
-    if a.seg:
-        for cell in a.seg_cells.split(','):
-            if cell not in METHODS and cell != 'random':
-                sys.exit(f'error: unknown segmentation cell {cell!r}; choose from {[*METHODS, "random"]}')
-            for seed in map(int, a.seg_seeds.split(',')):
-                segment(cell, seed, a)
-        write_segmentation(a)
-        return
-    if a.rerun:
-        rerun(a)
-    else:
-        for cell in a.cells.split(','):
-            done = os.path.join(a.out_dir, cell, 'summary.json')
-            if a.force:
-                shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)
-            if not os.path.exists(done):
-                run_cell(cell, a, os.path.join(a.out_dir, cell))
-    summaries = [json.load(open(os.path.join(a.out_dir, c, 'summary.json'))) for c in CELLS
-                 if os.path.exists(os.path.join(a.out_dir, c, 'summary.json'))]
-    write_results(a, summaries)
+    if not a.report:
+        for unit in units:
+            kind, cell, seed = parse_unit(unit)
+            if a.force and a.cells:
+                sub = os.path.join('seg', f'{cell}-seed{seed}') if kind == 'seg' else unit
+                shutil.rmtree(os.path.join(a.out_dir, sub), ignore_errors=True)
+            if not is_done(a, unit):
+                t = time.time()
+                run_unit(a, unit)
+                print(f'{unit}: done in {time.time() - t:.0f} s', flush=True)
+                try:  # RESULTS.md follows the study as it goes; a report error never stops the runs
+                    study_report.write(a, ROOT)
+                except Exception as e:  # noqa: BLE001
+                    print(f'RESULTS.md not written: {type(e).__name__}: {e}', flush=True)
+    study_report.write(a, ROOT)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,397 @@
+"""RESULTS.md from the study's finished units (benchmarks/study.py): tables, a reading computed from them, plots
+and the commands. Every number is read from the units' summary.json files; nothing is typed in by hand.
+
+Noise: a metric's pooled standard deviation over seeds is sqrt(mean of the per-method sample variances) of the
+methods with several seeds (pretraining seeds for k-NN and the probe, fine-tuning seeds for segmentation). A
+difference of at least 2 pooled std is called outside the noise, anything smaller inside it.
+"""
+import glob
+import json
+import os
+import statistics
+
+NOISE = 2.0  # |difference| / pooled std at which a difference is called outside the noise
+CLAIMS = {  # method: what its paper claims, in the terms this study can check
+    'colormae_green': 'green-noise masks give better representations than random masking (ColorMAE: +2.72 mIoU '
+                      'on ADE20K, better linear probe and fine-tuning)',
+    'crossmae_kept025': 'reconstructing only 25% of the patches with cross-attention keeps the quality of MAE for '
+                        'less compute (CrossMAE)',
+    'cmae': 'the contrastive branch improves the representation over MAE (CMAE: linear probe, fine-tuning, '
+            'segmentation)',
+}
+COLORS = {'mae': 'black', 'colormae_green': 'tab:green', 'colormae_red': 'tab:red', 'colormae_blue': 'tab:blue',
+          'colormae_purple': 'tab:purple', 'crossmae_kept075': 'tab:orange', 'crossmae_kept025': 'tab:brown',
+          'cmae': 'tab:cyan'}
+FLOOR_STYLE = {'untrained': '--', 'pixels16': ':', 'pixels32': '-.'}
+
+
+def mean_std(values):
+    m = sum(values) / len(values)
+    return m, statistics.stdev(values) if len(values) > 1 else float('nan')
+
+
+def per(values):
+    return ' / '.join(f'{v:.2f}' for v in values)
+
+
+def pooled_std(groups):
+    """groups: lists of repeated measurements -> sqrt(mean sample variance) over the groups with >= 2 values."""
+    var = [statistics.variance(g) for g in groups if len(g) > 1]
+    return (sum(var) / len(var)) ** 0.5 if var else float('nan')
+
+
+def in_noise(d, sd):
+    if sd != sd or sd == 0:
+        return 'no seed noise measured'
+    return f'{d / sd:+.1f} pooled std, ' + ('outside the noise' if abs(d) >= NOISE * sd else 'inside the noise')
+
+
+def verdict(d, sd):
+    """A claimed improvement d (method - MAE) -> agrees / not resolved / contradicts."""
+    if sd != sd or abs(d) < NOISE * sd:
+        return 'not resolved (inside the noise)'
+    return 'agrees' if d > 0 else 'contradicts it'
+
+
+def load(out_dir):
+    units = {}
+    for p in glob.glob(os.path.join(out_dir, '*', 'summary.json')):
+        s = json.load(open(p))
+        units[s.get('unit', s.get('cell'))] = s
+    seg = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out_dir, 'seg', '*', 'summary.json')))]
+    return units, seg
+
+
+def seed_groups(units, methods):
+    """method -> its pretraining-seed units (seed 0 = the method cell), sorted by seed."""
+    return {m: sorted((s for s in units.values() if s['kind'] == 'method' and s['method'] == m),
+                      key=lambda s: s['seed']) for m in methods}
+
+
+def shown(cmd, summary):
+    """A command as RESULTS.md prints it: paths relative to the checkout the study ran in."""
+    line = ' '.join(['python', *cmd])
+    return line.replace(summary['root'] + '/', '') if summary.get('root') else line
+
+
+def fmt(s, k, f='{:.2f}'):
+    return f.format(s[k]) if s is not None and k in s else '–'
+
+
+def plot(units, seeds, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for s in sorted(units.values(), key=lambda s: s['unit']):
+        if s['kind'] not in ('method', 'long', 'eqtime') or (s['kind'] == 'method' and s['seed']):
+            continue
+        c = COLORS.get(s['method'])
+        style = {'method': '-', 'long': '--', 'eqtime': ':'}[s['kind']]
+        key = 'train_loss_pixel' if 'train_loss_pixel' in s['log'][0] else 'train_loss'
+        ax1.plot([r['epoch'] + 1 for r in s['log']], [r[key] for r in s['log']], style, color=c, label=s['unit'])
+        kc = s['knn_curve']
+        ax2.plot([r['epoch'] for r in kc], [r['knn20'] for r in kc], 'o' + style, color=c, ms=3, label=s['unit'])
+        ax3.plot([r['time_s'] / 60 for r in kc], [r['knn20'] for r in kc], 'o' + style, color=c, ms=3,
+                 label=s['unit'])
+    for m, group in seeds.items():
+        if len(group) > 1:
+            mu, sd = mean_std([g['knn20'] for g in group])
+            ax2.errorbar([group[0]['epoch'] if 'epoch' in group[0] else group[0]['epochs']], [mu], [sd],
+                         color=COLORS.get(m), capsize=4, fmt='s', ms=4)
+    for s in units.values():
+        if s['kind'] == 'floor':
+            for ax in (ax2, ax3):
+                ax.axhline(s['knn20'], color='gray', ls=FLOOR_STYLE.get(s['unit'], '--'), lw=1, label=s['unit'])
+    ax3.axhline(45, color='red', lw=0.8, alpha=0.5, label='45% target')
+    ax1.set(xlabel='epoch', ylabel='pixel loss (norm_pix)', title='pretraining loss')
+    ax2.set(xlabel='pretraining epoch', ylabel='k-NN top-1 (k=20), %', title='k-NN vs epoch (squares: seed mean ± std)')
+    ax3.set(xlabel='pretraining wall-clock (min)', ylabel='k-NN top-1 (k=20), %', title='k-NN vs wall-clock')
+    for ax in (ax1, ax2, ax3):
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg):
+    mae = seeds.get('mae', [])
+    if len(mae) < 1:
+        return []
+    mae_knn, mae_probe = mean_std([g['knn20'] for g in mae])[0], mean_std([g['probe'] for g in mae])[0]
+    mae_time = mean_std([g['train_time_s'] for g in mae])[0]
+    lines = []
+    for m, claim in CLAIMS.items():
+        group = seeds.get(m, [])
+        if not group:
+            continue
+        dk = mean_std([g['knn20'] for g in group])[0] - mae_knn
+        dp = mean_std([g['probe'] for g in group])[0] - mae_probe
+        parts = [f'k-NN {dk:+.2f} ({in_noise(dk, sd_knn)})', f'probe {dp:+.2f} ({in_noise(dp, sd_probe)})']
+        checks = {'k-NN': verdict(dk, sd_knn), 'probe': verdict(dp, sd_probe)}
+        if m in seg_by and 'mae' in seg_by:
+            ds = mean_std([r['miou'] for r in seg_by[m]])[0] - mean_std([r['miou'] for r in seg_by['mae']])[0]
+            parts.append(f'CamVid mIoU {ds:+.2f} ({in_noise(ds, sd_seg)})')
+            checks['mIoU'] = verdict(ds, sd_seg)
+        eq = units.get(f'{m}-eqtime')
+        time_ratio = mean_std([g['train_time_s'] for g in group])[0] / mae_time
+        text = (f'- **{m}** vs MAE-random, {len(group)} vs {len(mae)} pretraining seeds: ' + '; '.join(parts)
+                + f'. Pretraining time {time_ratio:.2f}× MAE\'s at equal epochs.')
+        if eq:
+            de = eq['knn20'] - mae_knn
+            text += (f' At MAE\'s wall-clock ({eq["epochs"]} epochs, {eq["train_time_s"]:.0f} s vs '
+                     f'{mae_time:.0f} s): k-NN {eq["knn20"]:.2f}, {de:+.2f} ({in_noise(de, sd_knn)}).')
+            checks['k-NN at equal time'] = verdict(de, sd_knn)
+        if m == 'crossmae_kept025':  # the claim is "no worse for less": worse beyond the noise contradicts it
+            no_worse = dk > -NOISE * sd_knn and dp > -NOISE * sd_probe
+            text += (f' Claim: {claim}. At our scale: quality at equal epochs '
+                     f'{"is not worse than MAE beyond the noise" if no_worse else "is worse than MAE beyond the noise"}'
+                     f' and each epoch costs {time_ratio:.2f}× MAE\'s, so the result '
+                     f'{"agrees" if no_worse and time_ratio < 1 else "does not agree"}'
+                     + (f'; at equal wall-clock: {checks["k-NN at equal time"]}.' if eq else '.'))
+        else:
+            text += (f' Claim: {claim}. At our scale: '
+                     + ', '.join(f'{k} {v}' for k, v in checks.items()) + '.')
+        lines.append(text)
+    return lines
+
+
+def seg_section(a, seg):
+    if not seg:
+        return ''
+    classes = [c.strip() for c in open(os.path.join(a.seg_data, 'classes.txt')) if c.strip()]
+    order = ['mae', 'colormae_green', 'colormae_red', 'colormae_blue', 'colormae_purple', 'crossmae_kept075',
+             'crossmae_kept025', 'cmae', 'random']
+    cells = [c for c in order if any(r['cell'] == c for r in seg)]
+    by = {c: sorted((r for r in seg if r['cell'] == c), key=lambda r: r['seed']) for c in cells}
+    sd = pooled_std([[r['miou'] for r in by[c]] for c in cells])
+    rows, class_rows, reading = [], [], []
+    for c in cells:
+        m, s = mean_std([r['miou'] for r in by[c]])
+        rows.append(f"| {c} | {len(by[c])} | {m:.2f} ± {s:.2f} | {per([r['miou'] for r in by[c]])} | "
+                    f"{mean_std([r['aacc'] for r in by[c]])[0]:.2f} | "
+                    f"{sum(r['wall_s'] for r in by[c]) / len(by[c]):.0f} |")
+        class_rows += [f"| {c} | {r['seed']} | " + ' | '.join(f'{v:.1f}' for v in r['iou']) + ' |' for r in by[c]]
+    reading.append(f'- Fine-tuning noise: pooled std of the mIoU over seeds {sd:.2f} (cells with 2 or more seeds; '
+                   f'2 seeds each give a rough estimate).')
+    base = mean_std([r['miou'] for r in by['random']])[0] if 'random' in by else None
+    mae = mean_std([r['miou'] for r in by['mae']])[0] if 'mae' in by else None
+    for c in cells:
+        m = mean_std([r['miou'] for r in by[c]])[0]
+        parts = []
+        if base is not None and c != 'random':
+            parts.append(f'vs random init {m - base:+.2f} ({in_noise(m - base, sd)})')
+        if mae is not None and c not in ('mae', 'random'):
+            parts.append(f'vs MAE {m - mae:+.2f} ({in_noise(m - mae, sd)})')
+        if parts:
+            reading.append(f'- {c}: {m:.2f} mIoU, ' + '; '.join(parts) + '.')
+    if 'mae' in by and 'random' in by:
+        per_class = [(n, statistics.mean(r['iou'][i] for r in by['mae']) - statistics.mean(r['iou'][i] for r in
+                                                                                             by['random']))
+                     for i, n in enumerate(classes)]
+        big = sorted((d for d in per_class if abs(d[1]) >= 1), key=lambda d: -abs(d[1]))
+        reading.append('- Per class, MAE − random (mean IoU): ' + (', '.join(f'{n} {d:+.1f}' for n, d in big)
+                                                                   or 'no class differs by 1 IoU or more') + '.')
+    learned = [n for i, n in enumerate(classes) if all(r['iou'][i] >= 1 for r in seg)]
+    reading.append(f"- Classes above 1 IoU in every run: {', '.join(learned)} ({len(learned)} of {len(classes)}); "
+                   f"the others (thin or rare at {a.seg_size} px) stay near 0 in some runs.")
+    commands = '\n'.join(shown(r['command'], r) for c in cells for r in by[c])
+    return f"""## Segmentation transfer: UperNet on CamVid
+
+UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVid training frames and scored on
+all 233 test frames (11 classes, void ignored), from a method cell's final pretraining checkpoint (seed 0) or
+from random init, with the same budget for every cell: frames rescaled to a {a.seg_size} px short side (ratio
+0.5–2.0), {a.seg_size} px crops, batch 8, {a.seg_epochs} epochs, AdamW lr {a.seg_lr} (40 warmup iterations, poly
+decay), layer decay 0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image
+evaluation at the {a.seg_size} px short side, predictions resized to the 360×480 labels. The last epoch is
+reported (no checkpoint is chosen on test).
+
+| cell | fine-tuning seeds | test mIoU (mean ± std) | per seed | aAcc | wall-clock per run (s) |
+|---|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+{chr(10).join(reading)}
+
+Per-class test IoU:
+
+| cell | seed | {' | '.join(classes)} |
+|---|---:|{'---:|' * len(classes)}
+{chr(10).join(class_rows)}
+
+![CamVid test: image | ground truth | prediction](docs/seg_predictions.png)
+
+```
+{commands}
+```
+""", by, sd
+
+
+def device_line(a):
+    if a.device == 'cuda' or a.device == 'auto' and _cuda():
+        return 'one CUDA GPU (bf16 autocast)'
+    return '2 CPU cores, fp32'
+
+
+def _cuda():
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def write(a, root):
+    """Writes a.results (and docs/study_curves.png, docs/seg_predictions.png) from a.out_dir."""
+    import study  # the plan and method list
+    units, seg = load(a.out_dir)
+    seeds = seed_groups(units, study.SEEDED)
+    multi = {m: g for m, g in seeds.items() if len(g) > 1}
+    sd_knn = pooled_std([[g['knn20'] for g in grp] for grp in multi.values()])
+    sd_probe = pooled_std([[g['probe'] for g in grp] for grp in multi.values()])
+    seg_text, seg_by, sd_seg = seg_section(a, seg) if seg else ('', {}, float('nan'))
+    main_rows = []
+    for u in [*study.METHODS, *study.FLOORS, 'scratch']:
+        s = units.get(u)
+        if s is not None:
+            main_rows.append(f"| {u} | {fmt(s, 'pretrain_wall_s', '{:.0f}')} | {fmt(s, 'knn20')} | {fmt(s, 'knn200')} | "
+                             f"{fmt(s, 'probe')} | {fmt(s, 'finetune_acc1')} | {fmt(s, 'finetune_wall_s', '{:.0f}')} |")
+    mae = seeds.get('mae', [])
+    seed_rows = []
+    for m, grp in seeds.items():
+        if not grp:
+            continue
+        (k, ks), (p, ps) = mean_std([g['knn20'] for g in grp]), mean_std([g['probe'] for g in grp])
+        vs = ''
+        if m != 'mae' and mae:
+            dk = k - mean_std([g['knn20'] for g in mae])[0]
+            dp = p - mean_std([g['probe'] for g in mae])[0]
+            vs = f'{dk:+.2f} ({dk / sd_knn:+.1f}σ) | {dp:+.2f} ({dp / sd_probe:+.1f}σ)'
+        else:
+            vs = '– | –'
+        seed_rows.append(f"| {m} | {len(grp)} | {k:.2f} ± {ks:.2f} | {per([g['knn20'] for g in grp])} | "
+                         f"{p:.2f} ± {ps:.2f} | {per([g['probe'] for g in grp])} | {vs} |")
+    eq_rows = []
+    if mae:
+        mt = mean_std([g['train_time_s'] for g in mae])[0]
+        eq_rows.append(f"| mae | {a.epochs} | {mt:.0f} | {mean_std([g['knn20'] for g in mae])[0]:.2f} | – | "
+                       f"{mean_std([g['probe'] for g in mae])[0]:.2f} | – |")
+        for m in study.EQTIME:
+            eq, grp = units.get(f'{m}-eqtime'), seeds.get(m, [])
+            if eq and grp:
+                eq_rows.append(f"| {m} | {eq['epochs']} | {eq['train_time_s']:.0f} | "
+                               f"{mean_std([g['knn20'] for g in grp])[0]:.2f} | {eq['knn20']:.2f} | "
+                               f"{mean_std([g['probe'] for g in grp])[0]:.2f} | {eq['probe']:.2f} |")
+    long = units.get('mae-long')
+    long_text = ''
+    if long:
+        final = long['knn_curve'][-1]
+        met = 'met' if final['knn20'] >= 45 else 'NOT met'
+        curve = '\n'.join(f"| {r['epoch']} | {r['time_s'] / 60:.1f} | {r['knn20']:.2f} | {r['knn200']:.2f} | "
+                          f"{r['probe']:.2f} |" for r in long['knn_curve'])
+        long_text = f"""## A one-hour MAE
+
+`mae-long`: MAE-random with the same model and recipe for {long['epochs']} epochs ({long['budget_note']}),
+{long['train_time_s'] / 60:.1f} minutes of pretraining (epoch times summed; {long['pretrain_wall_s'] / 60:.1f} minutes
+with start-up and data caching). k-NN at 60 minutes against the 45% target (lightly's MAE ViT-B/32 at 128 px
+after 200 epochs): **{final['knn20']:.2f}% at {final['time_s'] / 60:.1f} min, target {met}**.
+
+| epoch | wall-clock (min) | k-NN k=20 | k-NN k=200 | linear probe |
+|---|---:|---:|---:|---:|
+{curve}
+"""
+    reading = []
+    floors = {u: s for u, s in units.items() if s['kind'] == 'floor'}
+    if mae and floors:
+        best = max(floors, key=lambda u: floors[u]['knn20'])
+        mk = mean_std([g['knn20'] for g in mae])[0]
+        reading.append(f"- MAE-random k-NN (k=20) {mk:.2f} (seed mean) vs the best floor, {best}, "
+                       f"{floors[best]['knn20']:.2f}: {'above' if mk > floors[best]['knn20'] else 'NOT above'}.")
+    if 'scratch' in units:
+        ft = [u for u in study.METHODS if u in units and 'finetune_acc1' in units[u]]
+        if ft:
+            sc = units['scratch']['finetune_acc1']
+            worse = [u for u in ft if units[u]['finetune_acc1'] <= sc]
+            reading.append(f"- Fine-tune top-1 from scratch {sc:.2f}; from pretraining "
+                           f"{min(units[u]['finetune_acc1'] for u in ft):.2f}–"
+                           f"{max(units[u]['finetune_acc1'] for u in ft):.2f}"
+                           + (f"; not above scratch: {', '.join(worse)}." if worse else ': every method above scratch.'))
+    if multi:
+        reading.append(f'- Seed noise (pooled over {", ".join(multi)}): k-NN std {sd_knn:.2f}, probe std '
+                       f'{sd_probe:.2f} points. Differences under {NOISE:.0f} pooled std are inside the noise.')
+    reading += claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg)
+    singles = [u for u in study.METHODS if u in units and u not in seeds or (u in seeds and len(seeds[u]) == 1)]
+    if mae and singles and sd_knn == sd_knn:
+        mk = mean_std([g['knn20'] for g in mae])[0]
+        reading.append('- Single-seed cells vs MAE-random k-NN: ' + ', '.join(
+            f"{u} {units[u]['knn20'] - mk:+.2f} ({(units[u]['knn20'] - mk) / sd_knn:+.1f}σ)"
+            for u in singles if u != 'mae') + '.')
+    if long:
+        reading.append(f"- The one-hour MAE reaches {long['knn_curve'][-1]['knn20']:.2f}% k-NN "
+                       f"({'meets' if long['knn_curve'][-1]['knn20'] >= 45 else 'does not meet'} the 45% target).")
+    os.makedirs(os.path.join(root, 'docs'), exist_ok=True)
+    plot(units, seeds, os.path.join(root, 'docs', 'study_curves.png'))
+    fig = os.path.join(a.out_dir, 'seg', 'mae-seed0', 'predictions.png')
+    if os.path.exists(fig):
+        import shutil
+        shutil.copy(fig, os.path.join(root, 'docs', 'seg_predictions.png'))
+    order = [u for u in study.plan(a) if u in units]
+    commands = '\n'.join(shown(c, units[u]) for u in order for c in units[u]['commands'])
+    missing = [u for u in study.plan(a) if not study.is_done(a, u)]
+    text = f"""# Results: a small-scale study on Imagenette at {a.input_size} px
+
+Every number here was measured by `python benchmarks/study.py` and written by it (`benchmarks/study_report.py`)
+on {device_line(a)}, with `mae_vit_{a.model}` / `vit_{a.model}` ({a.input_size} px). Pretraining: {a.epochs}
+epochs over the 9,469 training images for every method (unless a section says otherwise), batch 128, blr 1.5e-3,
+norm_pix_loss, 1 warmup epoch. Evaluation on the 3,925 validation images: weighted k-NN (cosine, T = 0.07,
+mean-pooled patch tokens + fc_norm), a quick linear probe (BatchNorm + Linear on frozen, non-augmented features,
+SGD, {a.probe_epochs} epochs), and a {a.ft_epochs}-epoch fine-tune (layer decay 0.75, mixup/cutmix, RandAugment)
+compared with training the same ViT from scratch for the same epochs. Floors: `untrained` (the same ViT, randomly
+initialised) and `pixels16` / `pixels32` (the evaluation images average-pooled to 16 or 32 px, flattened,
+mean-centred). Wall-clock times are from a shared machine: compare them loosely.
+
+{'Units not run yet: ' + ', '.join(missing) + '.' if missing else 'Every unit of the plan was run.'}
+
+## Every method at equal epochs (pretraining seed 0)
+
+| cell | pretrain wall-clock (s) | k-NN k=20 | k-NN k=200 | linear probe | fine-tune top-1 | fine-tune wall-clock (s) |
+|---|---:|---:|---:|---:|---:|---:|
+{chr(10).join(main_rows)}
+
+## Pretraining seeds
+
+Seeds {a.seeds} of pretraining (the data order, augmentations, masks and initialisation all change); k-NN
+(k=20) and linear probe of the final checkpoint. σ: the pooled std over seeds of the methods below.
+
+| method | seeds | k-NN k=20 (mean ± std) | per seed | linear probe (mean ± std) | per seed | Δ k-NN vs MAE | Δ probe vs MAE |
+|---|---:|---:|---:|---:|---:|---:|---:|
+{chr(10).join(seed_rows)}
+
+## Equal wall-clock
+
+Each method of the table pretrained for the time MAE-random took for its {a.epochs} epochs (training time,
+epoch times summed), its epochs set from its own measured epoch time (median over its {a.epochs}-epoch run).
+k-NN / probe at equal epochs are seed means; at equal time one run (seed 0).
+
+| method | epochs | pretraining time (s) | k-NN at {a.epochs} epochs | k-NN at equal time | probe at {a.epochs} epochs | probe at equal time |
+|---|---:|---:|---:|---:|---:|---:|
+{chr(10).join(eq_rows)}
+
+{chr(10).join(f"- {u}: {units[u]['budget_note']}." for u in units if units[u]['kind'] == 'eqtime')}
+
+{long_text}
+## Reading (computed from the tables)
+
+{chr(10).join(reading)}
+
+![curves](docs/study_curves.png)
+
+{seg_text}
+## Commands
+
+```
+{commands}
+```
+""".replace(root + '/', '')
+    with open(a.results, 'w') as f:
+        f.write(text)
+    print(f'wrote {a.results}')

@@ -1,0 +1,84 @@
+"""The study's RESULTS.md writer on synthetic unit summaries: means, standard deviations, pooled noise and the
+verdicts are computed from the numbers (the study itself is not run by the tests)."""
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+import study  # noqa: E402
+import study_report  # noqa: E402
+
+KNN = {'mae': [40.0, 41.0, 42.0], 'colormae_green': [40.5, 41.5, 42.5], 'crossmae_kept025': [41.0, 42.0, 43.0],
+       'cmae': [45.0, 46.0, 47.0]}  # each std 1.0: pooled std 1.0
+
+
+def unit(out, name, kind, method, seed, knn20, epochs=7, epoch_time=10.0, **more):
+    log = [{'epoch': e, 'train_loss': 1.0 - 0.05 * e, 'epoch_time_s': epoch_time} for e in range(epochs)]
+    s = {'unit': name, 'kind': kind, 'method': method, 'seed': seed, 'epochs': epochs, 'commands': [['x.py']],
+         'pretrain_wall_s': epochs * epoch_time + 5, 'log': log, 'train_time_s': epochs * epoch_time,
+         'knn_curve': [{'epoch': epochs, 'time_s': epochs * epoch_time, 'knn20': knn20, 'knn200': knn20 - 2,
+                        'probe': knn20 + 10}], 'knn20': knn20, 'knn200': knn20 - 2, 'probe': knn20 + 10, **more}
+    os.makedirs(out / name)
+    (out / name / 'summary.json').write_text(json.dumps(s))
+
+
+@pytest.fixture
+def results(tmp_path):
+    out = tmp_path / 'runs'
+    for m, values in KNN.items():
+        for seed, v in enumerate(values):
+            unit(out, m if seed == 0 else f'{m}-seed{seed}', 'method', m, seed, v,
+                 epoch_time=5.0 if m == 'crossmae_kept025' else 20.0 if m == 'cmae' else 10.0)
+    unit(out, 'crossmae_kept025-eqtime', 'eqtime', 'crossmae_kept025', 0, 44.0, epochs=14, epoch_time=5.0,
+         budget_note='n')
+    unit(out, 'cmae-eqtime', 'eqtime', 'cmae', 0, 39.0, epochs=4, epoch_time=20.0, budget_note='n')
+    unit(out, 'mae-long', 'long', 'mae', 0, 46.5, epochs=60, budget_note='n')
+    for f, v in (('untrained', 30.0), ('pixels16', 36.0)):
+        os.makedirs(out / f)
+        (out / f / 'summary.json').write_text(json.dumps({'unit': f, 'kind': 'floor', 'method': f, 'seed': 0,
+                                                          'commands': [], 'knn20': v, 'knn200': v, 'probe': v}))
+    a = study.get_args(['--out_dir', str(out), '--results', str(tmp_path / 'RESULTS.md')])
+    study_report.write(a, str(tmp_path))
+    return (tmp_path / 'RESULTS.md').read_text()
+
+
+def test_seed_table_means_and_std(results):
+    assert '| mae | 3 | 41.00 ± 1.00 | 40.00 / 41.00 / 42.00 |' in results
+    assert '| cmae | 3 | 46.00 ± 1.00 |' in results
+    assert '+5.00 (+5.0σ)' in results  # cmae's k-NN difference to MAE in pooled std
+    assert 'k-NN std 1.00, probe std 1.00' in results
+
+
+def test_verdicts_follow_the_noise(results):
+    green = next(line for line in results.splitlines() if line.startswith('- **colormae_green**'))
+    assert 'k-NN +0.50 (+0.5 pooled std, inside the noise)' in green and 'k-NN not resolved' in green
+    cmae = next(line for line in results.splitlines() if line.startswith('- **cmae**'))
+    assert 'k-NN agrees' in cmae
+    assert 'k-NN at equal time contradicts it' in cmae  # 39 vs 41 at 2 pooled std
+    cross = next(line for line in results.splitlines() if line.startswith('- **crossmae_kept025**'))
+    assert '0.50× MAE' in cross and 'so the result agrees' in cross
+
+
+def test_equal_time_and_long_cell(results):
+    assert '| crossmae_kept025 | 14 | 70 | 42.00 | 44.00 |' in results
+    assert '46.50% at 10.0 min, target met' in results
+    assert 'Units not run yet:' in results and 'seg:mae-seed0' in results
+
+
+def test_pooled_std_and_noise_words():
+    assert study_report.pooled_std([[1, 3], [2, 2, 2]]) == pytest.approx((statistics.variance([1, 3]) / 2) ** 0.5)
+    assert study_report.verdict(3.0, 1.0) == 'agrees'
+    assert study_report.verdict(-3.0, 1.0) == 'contradicts it'
+    assert study_report.verdict(1.9, 1.0).startswith('not resolved')
+
+
+def test_plan_units_parse():
+    a = study.get_args([])
+    units = study.plan(a)
+    assert units[:4] == study.SEEDED and 'mae-long' in units and 'seg:random-seed1' in units
+    assert {study.parse_unit(u)[0] for u in units} == {'method', 'floor', 'scratch', 'eqtime', 'seg', 'long'}
+    with pytest.raises(ValueError):
+        study.parse_unit('mae-seedX')
