@@ -5,6 +5,7 @@ The training step does not wait for the device: losses stay on it and are read e
 """
 import itertools
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import util.misc as misc
-from engine_pretrain import NonFiniteLoss
+from engine_pretrain import StepReader
 from util.datasets import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from util.seg_datasets import IGNORE_INDEX
 from util.seg_metrics import confusion_matrix, format_table, segmentation_metrics
@@ -37,13 +38,15 @@ def segmentation_loss(model, images, labels, aux_weight):
 
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, log_writer=None):
-    """args.iters_per_epoch and args.total_iters set the schedule; returns the epoch's mean losses."""
+    """args.iters_per_epoch and args.total_iters set the schedule; returns the epoch's mean losses. The losses
+    are read every --print_freq steps and at the end (engine_pretrain.StepReader: one all-reduce under DDP,
+    the non-finite check naming the step, TensorBoard 'train/loss*' and 'lr' per optimizer step)."""
     model.train(True)
     metric_logger = misc.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     first = epoch * args.iters_per_epoch
     total = min(args.iters_per_epoch, args.total_iters - first)
-    sums, window, window_start = None, [], 0
+    reader = StepReader(args, epoch, args.iters_per_epoch, metric_logger, log_writer, tag_prefix='train/')
     optimizer.zero_grad()
     batches = itertools.islice(data_loader, total)
     for step, (images, labels) in enumerate(metric_logger.log_every(batches, args.print_freq, f'Epoch: [{epoch}]', total)):
@@ -56,32 +59,20 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, log
         labels = labels.to(args.device, non_blocking=True)
         with misc.autocast(args):
             loss, logs = segmentation_loss(model, images, labels, args.aux_weight)
-        update = (step + 1) % args.accum_iter == 0
-        loss_scaler(loss / args.accum_iter, optimizer, clip_grad=args.clip_grad,
-                    parameters=[p for p in model.parameters() if p.requires_grad], update_grad=update)
+        update = (step + 1) % args.accum_iter == 0 or step == total - 1  # the epoch's tail is applied too
+        sync_ctx = model.no_sync() if args.distributed and not update else nullcontext()  # no all-reduce mid-group
+        with sync_ctx:
+            loss_scaler(loss / args.accum_iter, optimizer, clip_grad=args.clip_grad,
+                        parameters=[p for p in model.parameters() if p.requires_grad], update_grad=update)
         if update:
             optimizer.zero_grad()
-        values = torch.stack([loss.detach(), *(v.detach() for v in logs.values())])
-        window.append(values)
-        sums = values if sums is None else sums + values
-        if step % args.print_freq == 0 or step == total - 1:  # the only reads of device values
-            read = torch.stack(window).tolist()
-            if not all(math.isfinite(v) for row in read for v in row):
-                raise NonFiniteLoss(f'loss is not finite at epoch {epoch}, steps {first + window_start}-{it}; stopping '
-                                    f'(the last checkpoint is left as it was)')
-            last = dict(zip(['loss', *logs], read[-1]))
-            metric_logger.update(lr=lr, **last)
-            if log_writer is not None:
-                for k, v in last.items():
-                    log_writer.add_scalar(f'train/{k}', v, it)
-                log_writer.add_scalar('train/lr', lr, it)
-            window, window_start = [], step + 1
-    mean = (sums / max(total, 1)).tolist() if sums is not None else []
-    stats = dict(zip(['loss', *logs], mean)) if sums is not None else {}
-    if misc.get_world_size() > 1 and stats:
-        stats = {k: misc.all_reduce_mean(v) for k, v in stats.items()}
-    print('Averaged stats:', '  '.join(f'{k}: {v:.4f}' for k, v in stats.items()))
-    return stats
+        metric_logger.update(lr=lr)
+        reader.record(step, lr, update, loss=loss.detach(), **{k: v.detach() for k, v in logs.items()})
+        if step % args.print_freq == 0 or step == total - 1:  # the read: the one host-device synchronisation
+            reader.read()
+    metric_logger.synchronize_between_processes()
+    print('Averaged stats:', metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
 def slide_logits(model, img, num_classes, crop, stride):

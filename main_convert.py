@@ -167,6 +167,9 @@ def to_timm(ck, args):
         extra += ", global_pool='avg'"
     print(f'wrote {args.dst}: {len(state)} encoder tensors; load with timm.create_model({name!r}, pretrained=True, '
           f'pretrained_cfg_overlay=dict(file={args.dst!r}), num_classes=0{extra})')
+    if 'fc_norm.weight' not in state:
+        print("  (features as this project's k-NN / probe take them, the mean of the normed patch tokens: add "
+              "global_pool='avg', fc_norm=False)")
 
 
 def main(args):

@@ -20,7 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from util.checkpoint import check_output_dir, resume_path, rng_state, save_on_master, set_rng_state
+from util.checkpoint import check_output_dir, resume_path, rng_state, save_epoch, set_rng_state
 from util.datasets import build_image_dataset, build_loader, eval_transform, finetune_transform
 from util.lr_decay import param_groups_lrd
 from util.pretrained import fill_from_checkpoint, load_encoder, load_exact
@@ -91,12 +91,14 @@ def add_common_args(parser, batch_size, epochs, blr, warmup_epochs):
     misc.add_dist_args(parser)
 
 
-def setup(args):
-    """Process group, seeds, output folder, datasets and loaders shared by fine-tuning and probing."""
+def setup(args, defaults=DEFAULTS):
+    """Process group, precision, --model/--input_size from the checkpoint (those of `defaults`; None: the caller
+    resolves them), output folder and seeds: shared by fine-tuning, probing and segmentation."""
     misc.init_distributed_mode(args)
     misc.resolve_amp(args)
-    fill_from_checkpoint(args, args.finetune if args.finetune and not args.eval else args.resume, models_vit.CONFIGS,
-                         DEFAULTS)
+    if defaults:
+        fill_from_checkpoint(args, args.finetune if args.finetune and not args.eval else args.resume,
+                             models_vit.CONFIGS, defaults)
     check_output_dir(args.output_dir if misc.is_main_process() and not args.eval else '')
     print(', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
     seed = args.seed + misc.get_rank()
@@ -125,7 +127,7 @@ def run(args, model, model_without_ddp, optimizer, criterion, loader_train, load
         ckpt = load_exact(model_without_ddp, path)
         print(f'resumed model from {path}')
         if 'optimizer' in ckpt and not args.eval:
-            optimizer.load_state_dict(ckpt['optimizer'])
+            misc.load_optimizer_state(optimizer, ckpt['optimizer'])
             loss_scaler.load_state_dict(ckpt.get('scaler'))
             args.start_epoch = ckpt['epoch'] + 1
             if 'rng' in ckpt and misc.get_rank() == 0:
@@ -144,12 +146,9 @@ def run(args, model, model_without_ddp, optimizer, criterion, loader_train, load
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, epoch, loss_scaler, args,
                                       mixup_fn=mixup_fn, log_writer=log_writer)
         if args.output_dir:
-            state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                     'scaler': loss_scaler.state_dict(), 'rng': rng_state(), 'args': checkpoint_args(args)}
-            save_on_master(state, os.path.join(args.output_dir, 'checkpoint.pth'))
-            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-                save_on_master({'model': state['model'], 'epoch': epoch, 'args': state['args']},
-                               os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+            save_epoch({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+                        'scaler': loss_scaler.state_dict(), 'rng': rng_state(), 'args': checkpoint_args(args)},
+                       args.output_dir, args.save_freq, args.epochs)
         test_stats = evaluate(loader_val, model, args)
         max_accuracy = max(max_accuracy, test_stats['acc1'])
         print(f'accuracy on {len(loader_val.dataset)} test images: {test_stats["acc1"]:.1f}%, max {max_accuracy:.2f}%')

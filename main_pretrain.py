@@ -214,7 +214,7 @@ def main(args):
     if path:
         ckpt = load_exact(model_without_ddp, path)
         if 'optimizer' in ckpt:
-            optimizer.load_state_dict(ckpt['optimizer'])
+            misc.load_optimizer_state(optimizer, ckpt['optimizer'])
             loss_scaler.load_state_dict(ckpt.get('scaler'))
             start_step = ckpt.get('step_in_epoch', 0)
             args.start_epoch = ckpt['epoch'] + (0 if start_step else 1)

@@ -19,7 +19,7 @@ import models_seg
 import util.misc as misc
 from engine_segmentation import evaluate, train_one_epoch
 from main_finetune import checkpoint_args, set_lr, setup
-from util.checkpoint import check_output_dir, load_checkpoint, resume_path, rng_state, save_on_master, set_rng_state
+from util.checkpoint import check_output_dir, load_checkpoint, resume_path, rng_state, save_epoch, set_rng_state
 from util.datasets import build_loader
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_exact, read_checkpoint
@@ -77,7 +77,7 @@ def get_args_parser():
     parser.add_argument('--output_dir', default='./output_dir')
     parser.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
     parser.add_argument('--resume', default='', help='checkpoint of this model to resume or evaluate')
-    parser.add_argument('--eval', action='store_true', help='only evaluate --resume (or --finetune) and exit')
+    parser.add_argument('--eval', action='store_true', help='only evaluate --resume and exit')
     parser.add_argument('--save_freq', default=20, type=int)
     parser.add_argument('--print_freq', default=20, type=int)
     misc.add_dist_args(parser)
@@ -114,8 +114,9 @@ def check_args(args):
     patch = models_seg.CONFIGS[args.model]['patch_size']
     if args.input_size % (2 * patch):
         raise misc.UserError(f'--input_size {args.input_size} must be a multiple of {2 * patch} (2 x patch size)')
-    if args.eval and not (args.resume or args.finetune):
-        raise misc.UserError('--eval needs --resume CKPT (a segmentation checkpoint)')
+    if args.eval and not resume_path(args):
+        raise misc.UserError('--eval needs --resume CKPT (a segmentation checkpoint; --finetune is a pretrained '
+                             'encoder without a trained head)')
     if not args.eval and args.batch_size * (args.world_size if args.device.type == 'cuda' else 1) < 2:
         raise misc.UserError('--batch_size must be at least 2: BatchNorm in the head needs 2 samples')
     args.base_size = args.base_size or args.input_size
@@ -139,13 +140,15 @@ def build_model(args, num_classes):
 
 
 def main(args):
-    setup(args)
+    setup(args, defaults=None)  # the architecture flags: resolve_arch (segmentation checkpoints and defaults)
     check_args(args)
     splits = dataset_splits(args.data_path, args.dataset) if os.path.isdir(args.data_path) else []
     args.eval_split = args.eval_split or ('test' if 'test' in splits else 'val')
     dataset_eval = SegmentationDataset(args.data_path, args.eval_split, args.dataset, EvalTransform(args.base_size))
     classes = dataset_eval.classes
     args.nb_classes = len(classes)
+    if not args.eval:  # a bad label in the evaluation split is found now, not after training
+        dataset_eval.check_labels()
     loader_eval = torch.utils.data.DataLoader(dataset_eval, batch_size=args.eval_batch_size, collate_fn=list,
                                               num_workers=args.num_workers,
                                               sampler=shard_sampler(len(dataset_eval), args.rank, args.world_size))
@@ -180,14 +183,14 @@ def main(args):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
     param_groups = param_groups_lrd(model_without_ddp, args.weight_decay, layer_decay=args.layer_decay,
                                     no_weight_decay_list=model_without_ddp.no_weight_decay())
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.999))
+    optimizer = misc.adamw(param_groups, args.device, lr=args.lr, betas=(0.9, 0.999))  # fused on CUDA
     loss_scaler = misc.LossScaler(args.device.type, enabled=args.amp == 'fp16')
 
     start_epoch, path = 0, resume_path(args)
     if path:
         ckpt = load_exact(model_without_ddp, path)
         if 'optimizer' in ckpt:
-            optimizer.load_state_dict(ckpt['optimizer'])
+            misc.load_optimizer_state(optimizer, ckpt['optimizer'])
             loss_scaler.load_state_dict(ckpt.get('scaler'))
             start_epoch = ckpt['epoch'] + 1
             if 'rng' in ckpt and misc.get_rank() == 0:
@@ -203,12 +206,9 @@ def main(args):
         loader_train.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, loader_train, optimizer, epoch, loss_scaler, args, log_writer)
         if args.output_dir:
-            state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                     'scaler': loss_scaler.state_dict(), 'rng': rng_state(), 'args': checkpoint_args(args)}
-            save_on_master(state, os.path.join(args.output_dir, 'checkpoint.pth'))
-            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-                save_on_master({'model': state['model'], 'epoch': epoch, 'args': state['args']},
-                               os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+            save_epoch({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+                        'scaler': loss_scaler.state_dict(), 'rng': rng_state(), 'args': checkpoint_args(args)},
+                       args.output_dir, args.save_freq, args.epochs)
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
         if epoch + 1 == args.epochs or (args.eval_freq and (epoch + 1) % args.eval_freq == 0):
             metrics = evaluate(loader_eval, model_without_ddp, args, classes,

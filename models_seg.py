@@ -176,8 +176,9 @@ class UperNetViT(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer,
                                           self.grid if rel_pos_bias else None) for i in range(depth))
         self.out_indices = tuple(out_indices) if out_indices else default_out_indices(depth)
-        if len(self.out_indices) != 4 or not all(0 <= i < depth for i in self.out_indices):
-            raise ValueError(f'out_indices must be 4 block indices in [0, {depth}), got {self.out_indices}')
+        ok = len(self.out_indices) == 4 and all(0 <= i < depth for i in self.out_indices)
+        if not ok or list(self.out_indices) != sorted(set(self.out_indices)):
+            raise ValueError(f'out_indices must be 4 increasing block indices in [0, {depth}), got {self.out_indices}')
         self.neck = Neck(embed_dim)
         self.decode_head = UPerHead([embed_dim] * 4, channels, num_classes)
         self.auxiliary_head = FCNHead(embed_dim, aux_channels, num_classes) if aux_head else None

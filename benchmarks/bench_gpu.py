@@ -8,8 +8,8 @@ training scripts use it: pinned memory, persistent workers, --prefetch_factor).
     python benchmarks/bench_gpu.py --device cpu --steps 2   # smoke check on a CPU (pico config, fp32, batch 8)
 
 A training step is what engine_pretrain runs: autocast (bf16 on CUDA), backward, fused AdamW (on CUDA). Steps are
-interleaved across the variants (round-robin) so that drift hits all alike; torch.cuda.synchronize is called only
-around each timed step. Peak memory is reported as the variant would need it alone: its parameters and
+interleaved across the variants (round-robin blocks of --block steps) so that drift hits all alike;
+torch.cuda.synchronize is called only at the ends of each block, so the host queues kernels ahead as in training. Peak memory is reported as the variant would need it alone: its parameters and
 optimizer state plus the step's peak above what was allocated before it (torch.cuda.max_memory_allocated).
 A batch that does not fit is halved (the table says which batch ran). FLOPs: benchmarks/flops.py (matmuls only,
 training = 3 x forward for the parts with gradients), the same as bench_pretrain.py.
@@ -67,21 +67,24 @@ def build_runs(cfg, variants, device, attn):
     return runs
 
 
-def timed_step(run, x, noise, amp_args):
+def timed_steps(run, x, noise, amp_args, n):
+    """n training steps back to back, timed with one synchronisation at each end (the CPU queues the next
+    step's kernels while the GPU runs, as in training). -> (seconds per step, peak bytes above the start)"""
     cuda = x.is_cuda
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     t = time.perf_counter()
-    with misc.autocast(amp_args):
-        loss = run.step(x, noise)
-    loss.backward()
-    run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
+    for _ in range(n):
+        with misc.autocast(amp_args):
+            loss = run.step(x, noise)
+        loss.backward()
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+    dt = (time.perf_counter() - t) / n
     peak = torch.cuda.max_memory_allocated() - before if cuda else 0
     return dt, peak
 
@@ -93,12 +96,14 @@ def bench_config(name, batch, a, device, amp_args):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, cfg[1], cfg[1], generator=g).to(device)
     noise = torch.rand(batch, length, generator=g).to(device)
-    for i in range(a.warmup + a.steps):  # untimed warm-up rounds first (compilation, cuDNN/cuBLAS autotuning)
+    for run in runs.values():  # untimed warm-up first (compilation, cuDNN/cuBLAS autotuning)
+        if a.warmup:
+            timed_steps(run, x, noise, amp_args, a.warmup)
+    for _ in range(-(-a.steps // a.block)):  # rounds: a block of steps per variant in turn
         for run in runs.values():
-            dt, peak = timed_step(run, x, noise, amp_args)
-            if i >= a.warmup:
-                run.times.append(dt)
-                run.step_peaks.append(peak)
+            dt, peak = timed_steps(run, x, noise, amp_args, a.block)
+            run.times.append(dt)
+            run.step_peaks.append(peak)
     return runs
 
 
@@ -144,7 +149,8 @@ def main():
     p.add_argument('--configs', default=None, help='comma-separated (default: base,large on CUDA, pico on the CPU)')
     p.add_argument('--batch_size', default=None, type=int, help='default 128 on CUDA, 8 on the CPU')
     p.add_argument('--steps', default=20, type=int, help='timed steps per variant')
-    p.add_argument('--warmup', default=None, type=int, help='untimed rounds first (default 3 on CUDA, 1 on the CPU)')
+    p.add_argument('--block', default=None, type=int, help='steps per timed block (default 5 on CUDA, 1 on the CPU)')
+    p.add_argument('--warmup', default=None, type=int, help='untimed steps first (default 3 on CUDA, 1 on the CPU)')
     p.add_argument('--variants', default=None,
                    help='default: mae,mae+compile,hf,hf+compile,cross75,cross25,cmae (CPU: the same without +compile, '
                         'which takes minutes to compile on a small CPU)')
@@ -164,6 +170,7 @@ def main():
     a.configs = (a.configs or ('base,large' if cuda else 'pico')).split(',')
     a.batch_size = a.batch_size or (128 if cuda else 8)
     a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
+    a.block = max(1, min(a.block or (5 if cuda else 1), a.steps))
     a.loader_batch = a.loader_batch or (128 if cuda else 16)
     a.loader_batches = a.loader_batches or (40 if cuda else 4)
     variants = a.variants or ('mae,mae+compile,hf,hf+compile,cross75,cross25,cmae' if cuda else
@@ -185,7 +192,7 @@ def main():
           f', transformers {hf_version}; flash-attn {"installed" if models_mae.flash_attn_func else "absent"}'
           f'; amp {amp_args.amp}; our attention: {a.attn}')
     print(f'# measured {str(dtype).replace("torch.", "")} matmul rate ({"8192" if cuda else "2048"}^2): '
-          f'{peak / 1e12:.3g} TFLOP/s; {a.steps} timed steps per variant after {a.warmup} warm-up rounds')
+          f'{peak / 1e12:.3g} TFLOP/s; {a.steps} timed steps per variant (blocks of {a.block}) after {a.warmup} warm-up steps')
     first_rate = None
     for cfg in a.configs:
         batch = a.batch_size

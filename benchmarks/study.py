@@ -14,7 +14,7 @@ Units (each in --out_dir/<unit>, done when its summary.json exists; --force reru
   for its epochs, epochs set from the measured epoch times (the MAE and method cells run first);
   `mae-long`: MAE-random for at most --long_minutes of pretraining, k-NN every --long_knn_every epochs;
 - the floors `untrained`, `pixels16`, `pixels32` (k-NN/probe) and `scratch` (fine-tune from random init);
-- `seg:<method or random>-seed<k>`: UperNet fine-tuned on CamVid from the method cell's final checkpoint.
+- `seg:<method, mae-long or random>-seed<k>`: UperNet fine-tuned on CamVid from that unit's final checkpoint.
 An interrupted unit keeps its finished pretraining (pretrain_wall_s.txt) and k-NN table.
 """
 import argparse
@@ -86,7 +86,7 @@ def plan(a):
     units += [f'{m}-seed{s}' for s in seeds if s != 0 for m in SEEDED]
     units += [f'{m}-eqtime' for m in EQTIME]
     units += [f'seg:{c}-seed{s}' for c in SEEDED + ['random'] for s in seg_seeds]
-    units += ['mae-long']
+    units += ['mae-long'] + [f'seg:mae-long-seed{s}' for s in seg_seeds]
     others = [m for m in METHODS if m not in SEEDED]
     return units + others + [f'seg:{m}-seed{seg_seeds[0]}' for m in others]
 
@@ -95,7 +95,7 @@ def parse_unit(unit):
     """-> (kind, method or floor, seed) for a unit name."""
     if unit.startswith('seg:'):
         cell, _, seed = unit[4:].rpartition('-seed')
-        if (cell in METHODS or cell == 'random') and seed.isdigit():
+        if (cell in METHODS or cell in ('random', 'mae-long')) and seed.isdigit():
             return 'seg', cell, int(seed)
     elif unit in METHODS:
         return 'method', unit, 0
@@ -184,20 +184,19 @@ def epoch_time(a, unit):
 
 
 def budget(a, kind, method):
-    """-> (epochs, warmup epochs, save_freq, note) of an equal-time or long unit, from measured epoch times."""
-    mae = summary_of(a, 'mae') or {}
+    """-> (epochs, warmup epochs, save_freq, note) of an equal-time or long unit, from measured epoch times
+    (medians: an epoch slowed by other work on a shared machine does not move the budget)."""
+    t_mae = epoch_time(a, 'mae')
     if kind == 'eqtime':
-        mae_time = sum(r['epoch_time_s'] for r in mae.get('log', [])) or epoch_time(a, 'mae')
         t = epoch_time(a, method)
-        epochs = max(1, round(mae_time / t))
-        note = (f'MAE-random trained {mae_time:.0f} s for {a.epochs} epochs; {method} takes {t:.1f} s per epoch '
-                f'(median of its {a.epochs}): {epochs} epochs')
+        epochs = max(1, round(a.epochs * t_mae / t))
+        note = (f'MAE-random takes {t_mae:.1f} s per epoch, {a.epochs * t_mae:.0f} s for {a.epochs} epochs; '
+                f'{method} {t:.1f} s per epoch (medians of their {a.epochs}-epoch runs): {epochs} epochs')
         return epochs, 1, max(epochs // 2, 1), note
-    t = epoch_time(a, 'mae')
-    epochs = max(a.epochs, int(a.long_minutes * 60 / t * 0.97))  # 3% margin: stay inside the budget
+    epochs = max(a.epochs, int(a.long_minutes * 60 / t_mae * 0.97))  # 3% margin: stay inside the budget
     warmup = max(1, round(epochs / a.epochs))  # the 7-epoch recipe's 1 warmup epoch, scaled
-    note = (f'MAE-random at {t:.1f} s per epoch (median of the mae cell): {epochs} epochs in {a.long_minutes:.0f} '
-            f'minutes, warmup {warmup}')
+    note = (f'MAE-random at {t_mae:.1f} s per epoch (median of the mae cell): {epochs} epochs in '
+            f'{a.long_minutes:.0f} minutes, warmup {warmup}')
     return epochs, warmup, a.long_knn_every, note
 
 
@@ -218,6 +217,7 @@ def run_pretrain_unit(a, unit, kind, method, seed):
     summary['commands'].append(kcmd)
     elapsed = [sum(r['epoch_time_s'] for r in summary['log'][:e + 1]) for e in range(len(summary['log']))]
     summary['train_time_s'] = elapsed[-1]
+    summary['epoch_time_s'] = statistics.median(r['epoch_time_s'] for r in summary['log'])
     summary['knn_curve'] = [{'epoch': int(c.split('-')[-1][:-4]) + 1, 'time_s': elapsed[int(c.split('-')[-1][:-4])],
                              **r} for c, r in zip(ckpts, results)]
     summary.update(summary['knn_curve'][-1])
@@ -261,9 +261,8 @@ def segment(a, cell, seed):
            '--aux_channels', '32', '--num_workers', str(a.num_workers), '--eval_batch_size', '8', '--seed', str(seed),
            '--save_freq', '1000', '--output_dir', out, *device_args(a)]
     if cell != 'random':
-        if summary_of(a, cell) is None:
-            run_unit(a, cell)  # the method cell (seed 0) first
-        cmd += ['--finetune', os.path.join(a.out_dir, cell, f'checkpoint-{a.epochs - 1}.pth')]
+        source = summary_of(a, cell) or run_unit(a, cell)  # the method cell (seed 0) or mae-long first
+        cmd += ['--finetune', os.path.join(a.out_dir, cell, f'checkpoint-{source["epochs"] - 1}.pth')]
     shutil.rmtree(out, ignore_errors=True)  # a fresh fine-tune, never a resume
     os.makedirs(out)
     wall = run(cmd, os.path.join(out, 'study.log'))
@@ -287,7 +286,7 @@ def main(argv=None):
     try:
         [parse_unit(u) for u in units]
     except ValueError as e:
-        sys.exit(f'error: {e}; units: {", ".join(plan(a))} (any <method>-seed<k>, seg:<method|random>-seed<k>)')
+        sys.exit(f'error: {e}; units: {", ".join(plan(a))} (any <method>-seed<k>, seg:<method|mae-long|random>-seed<k>)')
     os.makedirs(a.out_dir, exist_ok=True)
     if not a.report:
         for unit in units:

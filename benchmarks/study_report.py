@@ -74,6 +74,16 @@ def shown(cmd, summary):
     return line.replace(summary['root'] + '/', '') if summary.get('root') else line
 
 
+def epoch_s(s):
+    """Median seconds per pretraining epoch of a unit (robust to epochs slowed by other work)."""
+    return s.get('epoch_time_s') or statistics.median(r['epoch_time_s'] for r in s['log'])
+
+
+def rate_time(s):
+    """A unit's pretraining time at its median epoch time (s)."""
+    return s['epochs'] * epoch_s(s)
+
+
 def fmt(s, k, f='{:.2f}'):
     return f.format(s[k]) if s is not None and k in s else '–'
 
@@ -119,7 +129,7 @@ def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg):
     if len(mae) < 1:
         return []
     mae_knn, mae_probe = mean_std([g['knn20'] for g in mae])[0], mean_std([g['probe'] for g in mae])[0]
-    mae_time = mean_std([g['train_time_s'] for g in mae])[0]
+    mae_time = mean_std([rate_time(g) for g in mae])[0]
     lines = []
     for m, claim in CLAIMS.items():
         group = seeds.get(m, [])
@@ -134,12 +144,12 @@ def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg):
             parts.append(f'CamVid mIoU {ds:+.2f} ({in_noise(ds, sd_seg)})')
             checks['mIoU'] = verdict(ds, sd_seg)
         eq = units.get(f'{m}-eqtime')
-        time_ratio = mean_std([g['train_time_s'] for g in group])[0] / mae_time
+        time_ratio = mean_std([epoch_s(g) for g in group])[0] / mean_std([epoch_s(g) for g in mae])[0]
         text = (f'- **{m}** vs MAE-random, {len(group)} vs {len(mae)} pretraining seeds: ' + '; '.join(parts)
                 + f'. Pretraining time {time_ratio:.2f}× MAE\'s at equal epochs.')
         if eq:
             de = eq['knn20'] - mae_knn
-            text += (f' At MAE\'s wall-clock ({eq["epochs"]} epochs, {eq["train_time_s"]:.0f} s vs '
+            text += (f' At MAE\'s wall-clock ({eq["epochs"]} epochs, {rate_time(eq):.0f} s vs '
                      f'{mae_time:.0f} s): k-NN {eq["knn20"]:.2f}, {de:+.2f} ({in_noise(de, sd_knn)}).')
             checks['k-NN at equal time'] = verdict(de, sd_knn)
         if m == 'crossmae_kept025':  # the claim is "no worse for less": worse beyond the noise contradicts it
@@ -161,7 +171,7 @@ def seg_section(a, seg):
         return ''
     classes = [c.strip() for c in open(os.path.join(a.seg_data, 'classes.txt')) if c.strip()]
     order = ['mae', 'colormae_green', 'colormae_red', 'colormae_blue', 'colormae_purple', 'crossmae_kept075',
-             'crossmae_kept025', 'cmae', 'random']
+             'crossmae_kept025', 'cmae', 'mae-long', 'random']
     cells = [c for c in order if any(r['cell'] == c for r in seg)]
     by = {c: sorted((r for r in seg if r['cell'] == c), key=lambda r: r['seed']) for c in cells}
     sd = pooled_std([[r['miou'] for r in by[c]] for c in cells])
@@ -199,8 +209,8 @@ def seg_section(a, seg):
     return f"""## Segmentation transfer: UperNet on CamVid
 
 UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVid training frames and scored on
-all 233 test frames (11 classes, void ignored), from a method cell's final pretraining checkpoint (seed 0) or
-from random init, with the same budget for every cell: frames rescaled to a {a.seg_size} px short side (ratio
+all 233 test frames (11 classes, void ignored), from a method cell's final pretraining checkpoint (seed 0), from
+the one-hour MAE (`mae-long`) or from random init, with the same fine-tuning budget for every cell: frames rescaled to a {a.seg_size} px short side (ratio
 0.5–2.0), {a.seg_size} px crops, batch 8, {a.seg_epochs} epochs, AdamW lr {a.seg_lr} (40 warmup iterations, poly
 decay), layer decay 0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image
 evaluation at the {a.seg_size} px short side, predictions resized to the 360×480 labels. The last epoch is
@@ -272,13 +282,13 @@ def write(a, root):
                          f"{p:.2f} ± {ps:.2f} | {per([g['probe'] for g in grp])} | {vs} |")
     eq_rows = []
     if mae:
-        mt = mean_std([g['train_time_s'] for g in mae])[0]
-        eq_rows.append(f"| mae | {a.epochs} | {mt:.0f} | {mean_std([g['knn20'] for g in mae])[0]:.2f} | – | "
+        mt, ms = mean_std([rate_time(g) for g in mae])[0], mean_std([g['train_time_s'] for g in mae])[0]
+        eq_rows.append(f"| mae | {a.epochs} | {mt:.0f} | {ms:.0f} | {mean_std([g['knn20'] for g in mae])[0]:.2f} | – | "
                        f"{mean_std([g['probe'] for g in mae])[0]:.2f} | – |")
         for m in study.EQTIME:
             eq, grp = units.get(f'{m}-eqtime'), seeds.get(m, [])
             if eq and grp:
-                eq_rows.append(f"| {m} | {eq['epochs']} | {eq['train_time_s']:.0f} | "
+                eq_rows.append(f"| {m} | {eq['epochs']} | {rate_time(eq):.0f} | {eq['train_time_s']:.0f} | "
                                f"{mean_std([g['knn20'] for g in grp])[0]:.2f} | {eq['knn20']:.2f} | "
                                f"{mean_std([g['probe'] for g in grp])[0]:.2f} | {eq['probe']:.2f} |")
     long = units.get('mae-long')
@@ -368,12 +378,13 @@ Seeds {a.seeds} of pretraining (the data order, augmentations, masks and initial
 
 ## Equal wall-clock
 
-Each method of the table pretrained for the time MAE-random took for its {a.epochs} epochs (training time,
-epoch times summed), its epochs set from its own measured epoch time (median over its {a.epochs}-epoch run).
-k-NN / probe at equal epochs are seed means; at equal time one run (seed 0).
+Each method of the table pretrained for the time MAE-random takes for its {a.epochs} epochs, its epochs set
+from the measured epoch times (medians over the seed-0 {a.epochs}-epoch runs, so that an epoch slowed by other
+work on the machine does not move the budget); the measured column sums the epoch times as they ran. k-NN /
+probe at equal epochs are seed means; at equal time one run (seed 0).
 
-| method | epochs | pretraining time (s) | k-NN at {a.epochs} epochs | k-NN at equal time | probe at {a.epochs} epochs | probe at equal time |
-|---|---:|---:|---:|---:|---:|---:|
+| method | epochs | pretraining time at the median epoch time (s) | measured (s) | k-NN at {a.epochs} epochs | k-NN at equal time | probe at {a.epochs} epochs | probe at equal time |
+|---|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(eq_rows)}
 
 {chr(10).join(f"- {u}: {units[u]['budget_note']}." for u in units if units[u]['kind'] == 'eqtime')}

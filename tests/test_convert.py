@@ -128,6 +128,44 @@ def test_ours_to_hf_and_back(tmp_path, norm_pix):
     assert all(torch.equal(back['model'][k], v) for k, v in ours.state_dict().items())  # bit-identical
 
 
+def test_ours_vit_b_to_hf_same_loss_and_pred(tmp_path):
+    """Ours -> HF at the ViT-B/16 config (decoder 512 x 8), through the files main_convert writes."""
+    torch.manual_seed(0)
+    ours = randomize_norms(models_mae.mae_vit_base_patch16(norm_pix_loss=True)).eval()
+    torch.save({'model': ours.state_dict(), 'args': {'model': 'mae_vit_base_patch16', 'input_size': 224,
+                                                     'norm_pix_loss': True}}, tmp_path / 'b.pth')
+    convert_cli('--src', tmp_path / 'b.pth', '--dst', tmp_path / 'hf', '--to', 'hf')
+    hf, info = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / 'hf', output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
+    dloss, dpred = compare(hf.eval(), ours, 1, 224)
+    print(f'ours ViT-B -> HF: |d loss| {dloss:.2e}, max |d pred| {dpred:.2e}')
+    assert dloss <= 1e-5 and dpred <= 1e-4
+
+
+def test_linear_probe_head_is_folded_for_timm_and_mae(tmp_path, capsys):
+    """A main_linprobe checkpoint (head = BatchNorm without affine + Linear) exports as one Linear head that
+    gives the probe's logits: strictly into timm, and back into models_vit."""
+    torch.manual_seed(0)
+    vit = randomize_norms(models_vit.vit_pico_patch4(num_classes=10, global_pool=False))
+    vit.head = nn.Sequential(nn.BatchNorm1d(96, affine=False, eps=1e-6), vit.head)
+    vit.head[0].running_mean.normal_()
+    vit.head[0].running_var.uniform_(0.5, 2)
+    vit.eval()
+    torch.save({'model': vit.state_dict(), 'args': {'model': 'vit_pico_patch4', 'input_size': 32}}, tmp_path / 'lp.pth')
+    convert_cli('--src', tmp_path / 'lp.pth', '--dst', tmp_path / 'lp.safetensors', '--to', 'timm')
+    assert 'folded into one Linear head' in capsys.readouterr().out
+    tm = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=10, global_pool='token', **PICO_TIMM,
+                           pretrained_cfg_overlay=dict(file=str(tmp_path / 'lp.safetensors'), num_classes=10)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tm(x), vit(x), atol=1e-5, rtol=1e-5)
+    convert_cli('--src', tmp_path / 'lp.pth', '--dst', tmp_path / 'lp_mae.pth', '--to', 'mae')
+    back = models_vit.vit_pico_patch4(num_classes=10, global_pool=False).eval()
+    back.load_state_dict(torch.load(tmp_path / 'lp_mae.pth', weights_only=True)['model'])  # strict
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), vit(x), atol=1e-5, rtol=1e-5)
+
+
 def test_hub_naming_and_layer_norm_eps(tmp_path, capsys):
     """The hub's files (attention.attention.query, intermediate.dense, ...) with the hub's layer_norm_eps 1e-12."""
     hf = hf_model(**PICO_HF)
@@ -299,7 +337,8 @@ def test_bad_sources_get_one_line(tmp_path, capsys):
     torch.save({'model': {'foo.weight': torch.zeros(2)}}, tmp_path / 'foo.pth')
     ours = models_mae.mae_vit_pico_patch4(cross_mae=True).state_dict()
     torch.save({'model': ours}, tmp_path / 'cross.pth')
-    cases = {'missing.pth': ('hf', 'checkpoint not found'), 'reg.safetensors': ('mae', "e.g. ['reg_token']"),
+    (tmp_path / 'text.pth').write_text('not a checkpoint\n')
+    cases = {'text.pth': ('timm', 'cannot read checkpoint'), 'missing.pth': ('hf', 'checkpoint not found'), 'reg.safetensors': ('mae', "e.g. ['reg_token']"),
              'foo.pth': ('timm', "cannot tell the format from its keys (not this project's/MAE's, HF ViTMAE or timm "
                                  "ViT), e.g. ['foo.weight']"),
              'cross.pth': ('hf', 'no CrossMAE decoder')}

@@ -8,6 +8,7 @@ import torch
 import main_pretrain
 import models_mae
 import models_vit
+import util.misc as misc
 from util.lars import LARS
 from util.lr_decay import param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import adjust_learning_rate, momentum_at
@@ -83,3 +84,29 @@ def test_momentum_schedule():
     assert momentum_at(0, 0.996, 10, cosine=True) == pytest.approx(0.996)
     assert momentum_at(5, 0.996, 10, cosine=True) == pytest.approx(0.998)
     assert momentum_at(10, 0.996, 10, cosine=True) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('loader', ['plain', 'helper'])
+def test_resumed_fused_adamw_stays_fused(loader):
+    """A checkpoint of a non-fused AdamW (written on CPU, or by an older run) loaded into the fused one that CUDA
+    runs build: load_state_dict alone copies fused=None over, and an fp16 GradScaler step then fails."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 2)
+    m = model()
+    plain = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(3, 4)).sum().backward()
+    plain.step()
+    m2 = model()
+    fused = torch.optim.AdamW(m2.parameters(), lr=1e-3, fused=True)  # fused AdamW also runs on CPU
+    scaler = torch.amp.GradScaler('cpu')
+    scaler.scale(m2(torch.randn(3, 4)).sum()).backward()
+    if loader == 'plain':
+        fused.load_state_dict(plain.state_dict())
+        with pytest.raises(AssertionError):
+            scaler.step(fused)
+    else:
+        misc.load_optimizer_state(fused, plain.state_dict())
+        scaler.step(fused)
+        assert fused.param_groups[0]['fused'] is True
+        assert float(fused.state[m2.weight]['step']) == 2  # the resumed step count, one more step taken

@@ -5,12 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 import models_cmae
@@ -225,7 +223,8 @@ def test_killed_mid_epoch_resumes(tmp_path):
     assert 'at epoch 1' in again.stdout and [r['epoch'] for r in read_log(out / 'log.txt')] == [0, 1, 2]
 
 
-@pytest.mark.parametrize('case', ['missing_mask', 'size', 'label', 'layout', 'architecture'])
+@pytest.mark.parametrize('case', ['missing_mask', 'size', 'label', 'test_label', 'layout', 'architecture',
+                                  'out_indices'])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
     data = make_dataset(tmp_path / 'data', n=(4, 2, 2))
     argv = [*SEG, '--data_path', data, '--epochs', 1, '--output_dir', tmp_path / 'out']
@@ -239,7 +238,16 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
         label = np.array(Image.open(data / 'train' / 'masks' / 'f000.png'))
         label[5, 5] = 7
         Image.fromarray(label).save(data / 'train' / 'masks' / 'f000.png')
-        expect = 'mask .*f000.png holds label 7, outside \\[0, 4\\)'
+        argv += ['--num_workers', 1]  # raised in a loader worker: the line is the same
+        expect = '^error: mask .*f000.png holds label 7, outside \\[0, 4\\)'
+    elif case == 'test_label':  # found before training starts: nothing is trained or saved
+        label = np.array(Image.open(data / 'test' / 'masks' / 'f001.png'))
+        label[3, 3] = 9
+        Image.fromarray(label).save(data / 'test' / 'masks' / 'f001.png')
+        expect = 'mask .*test/masks/f001.png holds label 9'
+    elif case == 'out_indices':
+        argv += ['--out_indices', 1, 1, 2, 3]
+        expect = 'out_indices must be 4 increasing block indices'
     elif case == 'layout':
         os.rename(data / 'test' / 'masks', data / 'test' / 'labels')
         expect = 'test/masks is not a folder'
@@ -254,6 +262,8 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
     assert len(lines) == 1 and lines[0].startswith('error: '), err
     import re
     assert re.search(expect, lines[0]), lines[0]
+    if case == 'test_label':
+        assert not (tmp_path / 'out' / 'checkpoint.pth').exists()
 
 
 @pytest.mark.parametrize('fmt', ['ours', 'hf', 'timm'])
@@ -279,3 +289,63 @@ def test_finetune_names_the_encoder_in_any_format(tmp_path, fmt):
     model = main_segmentation.build_model(args, 4)
     assert 'finetune_state' not in vars(args)  # never stored with the args
     assert torch.equal(model.blocks[2].attn.qkv.weight, state['blocks.2.attn.qkv.weight'])
+
+
+def test_finetune_without_model_through_main(tmp_path, capsys):
+    """--finetune of a pretraining checkpoint with no --model: the encoder comes from its args (mae_vit_* ->
+    vit_*) and the crop from --input_size; per-step TensorBoard scalars are written from the reads."""
+    data = make_dataset(tmp_path / 'data', n=(8, 2, 2))
+    state = models_mae.mae_vit_pico_patch4().state_dict()
+    torch.save({'model': state, 'args': {'model': 'mae_vit_pico_patch4', 'input_size': 64}}, tmp_path / 'mae.pth')
+    argv = [a for a in SEG if a not in ('--model', 'vit_pico_patch4')]
+    code, out, err = run_seg(capsys, [*argv, '--data_path', data, '--epochs', 2, '--print_freq', 1, '--output_dir',
+                                      tmp_path / 'run', '--finetune', tmp_path / 'mae.pth'])
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert '--model vit_pico_patch4 (from the checkpoint)' in out and '* mIoU' in out
+    ckpt = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
+    assert ckpt['args']['model'] == 'vit_pico_patch4' and ckpt['args']['input_size'] == 32
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(next((tmp_path / 'run').glob('events.out.tfevents*'))))
+    events.Reload()
+    steps = [e.step for e in events.Scalars('train/loss')]
+    assert len(steps) == 4 and len(set(steps)) == 4  # 2 epochs x 2 iterations, one point each
+    assert {'train/loss_main', 'train/loss_aux', 'lr', 'test/miou'} <= set(events.Tags()['scalars'])
+
+
+def test_ade20k_labels_shift_and_check(tmp_path):
+    """ADE20K: 0 ('other') -> 255 (ignored), 1..150 -> 0..149; a value above 150 is named as it is in the file."""
+    from util.seg_datasets import SegmentationDataset
+    for split in ('training', 'validation'):
+        os.makedirs(tmp_path / 'images' / split)
+        os.makedirs(tmp_path / 'annotations' / split)
+        label = np.array([[0, 1, 2], [150, 75, 0]], dtype=np.uint8)
+        Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / 'images' / split / 'a.jpg')
+        Image.fromarray(label).save(tmp_path / 'annotations' / split / 'a.png')
+    ds = SegmentationDataset(str(tmp_path), 'val', 'ade20k')
+    assert len(ds.classes) == 150
+    assert ds.load(0)[1].tolist() == [[255, 0, 1], [149, 74, 255]]
+    Image.fromarray(np.array([[151, 1, 1], [1, 1, 1]], np.uint8)).save(tmp_path / 'annotations' / 'validation' / 'a.png')
+    with pytest.raises(Exception, match=r'a.png holds label 151, outside \[0, 150\]'):
+        ds.check_labels()
+    with pytest.raises(Exception, match='ADEChallengeData2016/images'):
+        SegmentationDataset(str(tmp_path / 'images'), 'train', 'ade20k')
+
+
+def test_poly_schedule_and_aux_weight():
+    from engine_segmentation import poly_lr, segmentation_loss
+    lr, total, warm = 1e-4, 1000, 100
+    assert poly_lr(0, lr, 0, warm, total) == 0
+    assert poly_lr(50, lr, 0, warm, total) == pytest.approx(lr * (1 - 50 / total) * 50 / warm)
+    assert poly_lr(500, lr, 0, warm, total) == pytest.approx(lr * 0.5)
+    assert poly_lr(500, lr, 1e-6, warm, total, power=0.9) == pytest.approx((lr - 1e-6) * 0.5 ** 0.9 + 1e-6)
+    assert poly_lr(total, lr, 0, warm, total) == 0
+    model = tiny(8, 32).eval()
+    assert [m[0].output_size for m in model.decode_head.psp_modules] == [1, 2, 3, 6]  # pyramid pooling scales
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    y[:, 0] = 255
+    with torch.no_grad():
+        out, aux = model(x, with_aux=True)
+        loss, logs = segmentation_loss(model, x, y, 0.4)
+    main = torch.nn.functional.cross_entropy(out, y, ignore_index=255)
+    torch.testing.assert_close(loss, main + 0.4 * torch.nn.functional.cross_entropy(aux, y, ignore_index=255))
+    torch.testing.assert_close(logs['loss_main'], main)

@@ -141,6 +141,43 @@ def test_finetune_epoch_and_evaluate_read_once_per_print_window(monkeypatch):
     assert 0 <= test['acc1'] <= 100 and test['acc1'] <= test['acc5']
 
 
+def test_linear_probe_epoch_reads_once_per_print_window(monkeypatch):
+    """main_linprobe's setup: frozen encoder, BatchNorm + Linear head, LARS (its step reads nothing)."""
+    from util.lars import LARS
+    torch.manual_seed(0)
+    model = models_vit.vit_pico_patch4(num_classes=10)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False), model.head)
+    for n, p in model.named_parameters():
+        p.requires_grad = n.startswith('head.')
+    opt = LARS(model.head.parameters(), lr=0.1, weight_decay=0.)
+    args, crit = pretrain_args(), torch.nn.CrossEntropyLoss()
+    engine_finetune.train_one_epoch(model, crit, batches(2), opt, 0, misc.LossScaler(), args)
+    with HostReads(monkeypatch) as reads:
+        stats = engine_finetune.train_one_epoch(model, crit, batches(STEPS), opt, 1, misc.LossScaler(), args)
+    assert reads.count <= WINDOWS, reads.sites
+    assert math.isfinite(stats['loss'])
+
+
+def test_segmentation_epoch_reads_once_per_print_window(monkeypatch):
+    import engine_segmentation
+    import models_seg
+    torch.manual_seed(0)
+    model = models_seg.UperNetViT(5, img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, channels=16,
+                                  aux_channels=8)
+    opt = optimizer_for(model)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 5, (2, 32, 32), generator=g))
+            for _ in range(STEPS)]
+    args = pretrain_args(iters_per_epoch=STEPS, total_iters=2 * STEPS, warmup_iters=2, poly_power=1.0, aux_weight=0.4)
+    engine_segmentation.train_one_epoch(model, data[:2], opt, 0, misc.LossScaler(), args)
+    rec = Recorder()
+    with HostReads(monkeypatch) as reads:
+        stats = engine_segmentation.train_one_epoch(model, data, opt, 1, misc.LossScaler(), args, log_writer=rec)
+    assert reads.count <= WINDOWS, reads.sites
+    assert len(rec.points['train/loss']) == STEPS and len(rec.points['train/loss_aux']) == STEPS
+    assert math.isfinite(stats['loss']) and stats['loss_main'] < stats['loss']
+
+
 class LossAt:
     """Wraps a model so that its loss is replaced by `value` at the given calls (0-based)."""
 

@@ -3,6 +3,7 @@ import argparse
 import os
 import pickle
 import random
+import zipfile
 
 import numpy as np
 import torch
@@ -30,6 +31,11 @@ def load_checkpoint(path):
     Anything else that needs unpickling arbitrary objects is refused with a readable error."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
+    with open(path, 'rb') as f:
+        legacy_pickle = f.read(1) == b'\x80'
+    if not (legacy_pickle or zipfile.is_zipfile(path)):  # torch.save writes a zip (or, long ago, a pickle)
+        raise UserError(f'cannot read checkpoint {path}: not a PyTorch checkpoint (neither torch.save\'s zip format '
+                        'nor a pickle)')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -37,7 +43,7 @@ def load_checkpoint(path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise UserError(f'refusing to load {path}: it holds objects other than tensors and plain data '
                         f'(weights_only=True; nothing was executed). {first}') from e
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 -- not a checkpoint (text, truncated, another format): one line
         raise UserError(f'cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
 
 
@@ -95,3 +101,13 @@ def resume_path(args):
 def save_on_master(state, path):
     if is_main_process():
         save_checkpoint(state, path)
+
+
+def save_epoch(state, output_dir, save_freq, epochs):
+    """DINO's layout: output_dir/checkpoint.pth with everything a resume needs, every epoch; the model alone
+    (with epoch and args) in checkpoint-{epoch}.pth every save_freq epochs and at the last."""
+    epoch = state['epoch']
+    save_on_master(state, os.path.join(output_dir, 'checkpoint.pth'))
+    if (epoch + 1) % save_freq == 0 or epoch + 1 == epochs:
+        save_on_master({'model': state['model'], 'epoch': epoch, 'args': state['args']},
+                       os.path.join(output_dir, f'checkpoint-{epoch}.pth'))

@@ -41,7 +41,7 @@ HF_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12
                    hidden_act='gelu', layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
                    qkv_bias=True, decoder_num_attention_heads=16, decoder_hidden_size=512,
                    decoder_num_hidden_layers=8, decoder_intermediate_size=2048, mask_ratio=0.75, norm_pix_loss=False)
-# a ViT encoder in timm's (= this project's) keys; head.* also covers the linear probe's BatchNorm + Linear
+# a ViT encoder in timm's (= this project's) keys (a linear probe's head.0/head.1 are folded first: fold_probe_head)
 VIT_KEY = re.compile(r'^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|(norm|fc_norm)\.(weight|bias)'
                      r'|head\.[\w.]+|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias))$')
 # this project's keys beyond the encoder: decoders (MAE, CrossMAE) and CMAE's branch
@@ -193,6 +193,21 @@ def mae_to_timm(state):
     return keep, [k for k in state if k not in keep]
 
 
+def fold_probe_head(state, eps=1e-6):
+    """The linear probe's head, BatchNorm1d(affine=False, eps) + Linear (head.0.*, head.1.*), as the one Linear
+    it computes (head.weight, head.bias): W' = W / sqrt(var + eps), b' = b - W' mean. Other states unchanged.
+    -> (state, folded: bool)"""
+    if 'head.0.running_var' not in state or 'head.1.weight' not in state:
+        return state, False
+    scale = (state['head.0.running_var'].double() + eps).rsqrt()
+    w = state['head.1.weight'].double() * scale
+    b = state['head.1.bias'].double() - w @ state['head.0.running_mean'].double()
+    out = {k: v for k, v in state.items() if not k.startswith(('head.0.', 'head.1.'))}
+    dtype = state['head.1.weight'].dtype
+    out.update({'head.weight': w.to(dtype), 'head.bias': b.to(dtype)})
+    return out, True
+
+
 def dropped_summary(keys):
     """['decoder_blocks.0.norm1.weight', 'mask_token', ...] -> 'decoder_blocks.* (96), mask_token (1)'"""
     groups = {}
@@ -302,6 +317,9 @@ def load(path):
         else:
             arch, args = arch_from_state(state), {}
     else:
+        state, folded = fold_probe_head(state)
+        if folded:
+            notes.append('linear-probe head (BatchNorm without affine + Linear) folded into one Linear head')
         arch = arch_from_state(state)
         timm = not wrapped and 'decoder_pred.weight' not in state
         if timm:
@@ -347,5 +365,5 @@ def save_hf_folder(state, config, folder):
     def write_json(p):
         with open(p, 'w') as f:
             json.dump(config, f, indent=2, sort_keys=True)
-    _replace_atomically(write_json, os.path.join(folder, 'config.json'))
-    save_safetensors(state, os.path.join(folder, 'model.safetensors'))
+    save_safetensors(state, os.path.join(folder, 'model.safetensors'))  # weights first: a failed write leaves
+    _replace_atomically(write_json, os.path.join(folder, 'config.json'))  # no new config beside old weights

@@ -2,6 +2,7 @@
 import builtins
 import datetime
 import os
+import re
 import statistics
 import time
 from collections import defaultdict, deque
@@ -105,6 +106,16 @@ def adamw(params, device, **kwargs):
     tensors = [p for g in groups for p in (g['params'] if isinstance(g, dict) else [g])]
     fused = torch.device(device).type == 'cuda' and all(p.is_cuda and p.is_floating_point() for p in tensors)
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict keeping this run's implementation flags (fused, foreach, capturable): a
+    checkpoint from another device or a non-fused run must not switch the fused kernel off (GradScaler would
+    then hand fused-only arguments to the foreach step)."""
+    flags = [{k: g[k] for k in ('fused', 'foreach', 'capturable') if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for g, f in zip(optimizer.param_groups, flags):
+        g.update(f)
 
 
 def all_reduce_mean(x):
@@ -329,7 +340,7 @@ def _fail(args, e, code):
         raise e
     msg = str(e).strip() or type(e).__name__
     if 'Original Traceback' in msg:  # raised in a DataLoader worker: its last line says what happened
-        msg = msg.splitlines()[-1]
+        msg = re.sub(r'^[\w.]+: ', '', msg.splitlines()[-1])  # without the 'util.misc.UserError: ' of the traceback
     _builtin_print(f'error: {msg}', file=sys.stderr, flush=True)
     sys.exit(code)
 

@@ -6,7 +6,6 @@ Layouts:
 - `ade20k`: `ADEChallengeData2016/images/{training,validation}/*.jpg`, `annotations/{...}/*.png`; label 0
   ("other") is ignored and 1..150 become 0..149 (mmseg's reduce_zero_label).
 """
-import math
 import os
 
 import numpy as np
@@ -27,11 +26,11 @@ def _stems(folder, exts):
     return {os.path.splitext(f)[0]: f for f in sorted(os.listdir(folder)) if f.lower().endswith(exts)}
 
 
-def _pairs(img_dir, mask_dir):
+def _pairs(img_dir, mask_dir, layout):
     """[(image path, mask path)] sorted by name; every image needs a mask of the same stem and size."""
     for d in (img_dir, mask_dir):
         if not os.path.isdir(d):
-            raise UserError(f'{d} is not a folder (expected <split>/images/*.jpg and <split>/masks/*.png)')
+            raise UserError(f'{d} is not a folder (expected {layout})')
     images, masks = _stems(img_dir, IMAGE_EXTS), _stems(mask_dir, ('.png',))
     if not images:
         raise UserError(f'{img_dir} holds no images (.jpg, .jpeg, .png)')
@@ -84,15 +83,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if split not in ADE_SPLITS:
                 raise UserError(f'ADE20K has the splits train and val, not {split!r}')
             img_dir, mask_dir = (os.path.join(root, d, ADE_SPLITS[split]) for d in ('images', 'annotations'))
+            layout = 'ADEChallengeData2016/images/{training,validation}/*.jpg and annotations/{...}/*.png'
+
         elif kind == 'folder':
             if not os.path.isdir(os.path.join(root, split)):
                 raise UserError(f'{root} has no {split}/ folder (expected {split}/images/*.jpg and {split}/masks/*.png'
                                 f'; found: {sorted(os.listdir(root))[:6]})')
             img_dir, mask_dir = os.path.join(root, split, 'images'), os.path.join(root, split, 'masks')
+            layout = '<split>/images/*.jpg and <split>/masks/*.png'
         else:
             raise UserError(f'unknown --dataset {kind!r}; choose folder or ade20k')
         self.classes = read_classes(root, kind)
-        self.samples = _pairs(img_dir, mask_dir)
+        self.samples = _pairs(img_dir, mask_dir, layout)
         if subset and subset < len(self.samples):
             self.samples = self.samples[:subset]  # the first images by name: a fixed subset
 
@@ -108,15 +110,32 @@ class SegmentationDataset(torch.utils.data.Dataset):
             label = np.array(Image.open(mask_path))
         except OSError as e:
             raise UserError(f'cannot read {img_path} or {mask_path}: {e}') from e
+        return img, self.check_label(label, mask_path)
+
+    def check_label(self, label, mask_path):
+        """Raw mask array -> labels 0..K-1 / 255 (ADE20K: shifted down by one), or one error naming the file."""
         if label.ndim != 2:
             raise UserError(f'mask {mask_path} has {label.ndim} dimensions; expected a single-channel label map')
         if self.kind == 'ade20k':  # 0 = "other" -> ignore, 1..150 -> 0..149
-            label = (label.astype(np.int16) - 1).astype(np.uint8)  # 0 - 1 wraps to 255
+            bad = label[label > len(self.classes)]
+            if bad.size:
+                raise UserError(f'mask {mask_path} holds label {int(bad[0])}, outside [0, {len(self.classes)}] '
+                                f'(ADE20K: 0 = other, 1..{len(self.classes)} = the classes)')
+            return (label.astype(np.int16) - 1).astype(np.uint8)  # 0 - 1 wraps to 255
         bad = label[(label >= len(self.classes)) & (label != IGNORE_INDEX)]
         if bad.size:
             raise UserError(f'mask {mask_path} holds label {int(bad[0])}, outside [0, {len(self.classes)}) and not '
                             f'{IGNORE_INDEX} (void)')
-        return img, label
+        return label
+
+    def check_labels(self):
+        """Every mask of the split read once: a bad label is reported before training, not when evaluating."""
+        for _, mask_path in self.samples:
+            try:
+                label = np.array(Image.open(mask_path))
+            except OSError as e:
+                raise UserError(f'cannot read {mask_path}: {e}') from e
+            self.check_label(label, mask_path)
 
     def __getitem__(self, index):
         img, label = self.load(index)
@@ -210,11 +229,3 @@ def shard_sampler(n, rank, world_size):
     """Evaluation indices of one process: rank, rank + world, ... (no padding, so no image counts twice)."""
     return list(range(rank, n, world_size))
 
-
-def num_iters(n_images, batch_size, world_size, max_steps=0):
-    steps = n_images // (batch_size * world_size)
-    return min(steps, max_steps) if max_steps else steps
-
-
-def epochs_for(max_iters, iters_per_epoch):
-    return math.ceil(max_iters / max(iters_per_epoch, 1))

@@ -10,10 +10,13 @@ import torch
 
 
 def confusion_matrix(pred, target, num_classes, ignore_index=255):
-    """pred, target: integer tensors of one shape -> [K, K] int64 counts, rows = label, columns = prediction."""
-    valid = target != ignore_index
-    idx = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    """pred, target: integer tensors of one shape -> [K, K] int64 counts, rows = label, columns = prediction.
+    Ignored pixels go to one extra bin that is dropped (no boolean indexing: nothing waits for the device)."""
+    k2 = num_classes * num_classes
+    idx = torch.where(target != ignore_index, target.long() * num_classes + pred.long(), k2).flatten()
+    counts = torch.zeros(k2 + 1, dtype=torch.int64, device=idx.device)
+    counts.index_add_(0, idx, torch.ones_like(idx))
+    return counts[:k2].view(num_classes, num_classes)
 
 
 def segmentation_metrics(conf):
