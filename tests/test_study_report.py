@@ -82,3 +82,15 @@ def test_plan_units_parse():
     assert {study.parse_unit(u)[0] for u in units} == {'method', 'floor', 'scratch', 'eqtime', 'seg', 'long'}
     with pytest.raises(ValueError):
         study.parse_unit('mae-seedX')
+
+
+def test_device_flag_reaches_the_scripts(tmp_path, monkeypatch):
+    """study.py --device cuda hands --device cuda to every script it runs (here: pretraining, not run)."""
+    a = study.get_args(['--device', 'cuda', '--out_dir', str(tmp_path)])
+    commands = []
+    monkeypatch.setattr(study, 'run', lambda cmd, log: commands.append(cmd) or 1.0)
+    study.pretrain(a, 'crossmae_kept025', str(tmp_path / 'u'), seed=2, epochs=9)
+    cmd = commands[0]
+    assert cmd[cmd.index('--device') + 1] == 'cuda' and cmd[cmd.index('--seed') + 1] == '2'
+    assert cmd[cmd.index('--epochs') + 1] == '9' and cmd[cmd.index('--kept_mask_ratio') + 1] == '0.25'
+    assert study.device_args(study.get_args([])) == []  # auto: the commands stay as they were
