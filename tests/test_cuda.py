@@ -165,20 +165,25 @@ def test_sdpa_flash_kernel_matches_math(exact_fp32, lq, lk, d):
         assert ((a.grad.float() - b.grad).norm() / b.grad.norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize('variant', ['mae', 'cross25'])
-def test_flash_backend_without_the_package_is_sdpa_flash(monkeypatch, variant):
-    """backend 'flash' with flash_attn absent runs SDPA held to its flash kernel; equal to 'math' in bf16."""
-    monkeypatch.setattr(models_mae, 'flash_attn_func', None)
+def assert_backends_agree(variant, a, b):
+    """One bf16 step with attention backend a and with b: losses within bf16 tolerance, gradients aligned."""
     views, noise = inputs(variant)
     losses, grads = {}, {}
-    for backend in ('flash', 'math'):
+    for backend in (a, b):
         model = build(variant)
         model.set_attention_backend(backend)
         loss = loss_of(model, views, noise, variant, 'bf16')
         loss.backward()
         losses[backend], grads[backend] = loss.item(), flat_grads(model)
-    assert close(losses['flash'], losses['math'], 1e-2, 2e-3), losses
-    assert F.cosine_similarity(grads['flash'], grads['math'], dim=0).item() >= 0.99
+    assert close(losses[a], losses[b], 1e-2, 2e-3), losses
+    assert F.cosine_similarity(grads[a], grads[b], dim=0).item() >= 0.99
+
+
+@pytest.mark.parametrize('variant', ['mae', 'cross25'])
+def test_flash_backend_without_the_package_is_sdpa_flash(monkeypatch, variant):
+    """backend 'flash' with flash_attn absent runs SDPA held to its flash kernel; equal to 'math' in bf16."""
+    monkeypatch.setattr(models_mae, 'flash_attn_func', None)
+    assert_backends_agree(variant, 'flash', 'math')
 
 
 @pytest.mark.skipif(models_mae.flash_attn_func is None, reason='flash-attn is not installed')
@@ -188,16 +193,7 @@ def test_flash_attn_package_matches_sdpa(variant):
     q, k, v = (torch.randn(4, 6, n, 64, device='cuda', generator=g).bfloat16() for n in (49, 17, 17))
     torch.testing.assert_close(models_mae.attention(q, k, v, 'flash').float(),
                                F.scaled_dot_product_attention(q, k, v).float(), rtol=1.6e-2, atol=1e-2)
-    views, noise = inputs(variant)
-    losses, grads = {}, {}
-    for backend in ('flash', 'sdpa'):
-        model = build(variant)
-        model.set_attention_backend(backend)
-        loss = loss_of(model, views, noise, variant, 'bf16')
-        loss.backward()
-        losses[backend], grads[backend] = loss.item(), flat_grads(model)
-    assert close(losses['flash'], losses['sdpa'], 1e-2, 2e-3), losses
-    assert F.cosine_similarity(grads['flash'], grads['sdpa'], dim=0).item() >= 0.99
+    assert_backends_agree(variant, 'flash', 'sdpa')
 
 
 @pytest.mark.parametrize('variant', ['mae', 'cross25'])
