@@ -25,9 +25,22 @@ def unit(out, name, kind, method, seed, knn20, epochs=7, epoch_time=10.0, **more
     (out / name / 'summary.json').write_text(json.dumps(s))
 
 
+def seg_unit(out, cell, seed, miou):
+    d = out / 'seg' / f'{cell}-seed{seed}'
+    os.makedirs(d)
+    (d / 'summary.json').write_text(json.dumps({'cell': cell, 'seed': seed, 'miou': miou, 'aacc': 70.0,
+                                                'iou': [miou * 2, miou, 0.0], 'wall_s': 100.0, 'command': ['s.py']}))
+
+
 @pytest.fixture
-def results(tmp_path):
+def results(tmp_path, request):
     out = tmp_path / 'runs'
+    seg = getattr(request, 'param', {})  # cell -> mIoU per fine-tuning seed
+    for cell, values in seg.items():
+        for seed, v in enumerate(values):
+            seg_unit(out, cell, seed, v)
+    (tmp_path / 'camvid').mkdir()
+    (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\nRoad\nPole\n')
     for m, values in KNN.items():
         for seed, v in enumerate(values):
             unit(out, m if seed == 0 else f'{m}-seed{seed}', 'method', m, seed, v,
@@ -40,7 +53,8 @@ def results(tmp_path):
         os.makedirs(out / f)
         (out / f / 'summary.json').write_text(json.dumps({'unit': f, 'kind': 'floor', 'method': f, 'seed': 0,
                                                           'commands': [], 'knn20': v, 'knn200': v, 'probe': v}))
-    a = study.get_args(['--out_dir', str(out), '--results', str(tmp_path / 'RESULTS.md')])
+    a = study.get_args(['--out_dir', str(out), '--results', str(tmp_path / 'RESULTS.md'),
+                        '--seg_data', str(tmp_path / 'camvid')])
     study_report.write(a, str(tmp_path))
     return (tmp_path / 'RESULTS.md').read_text()
 
@@ -60,6 +74,19 @@ def test_verdicts_follow_the_noise(results):
     assert 'k-NN at equal time contradicts it' in cmae  # 39 vs 41 at 2 pooled std
     cross = next(line for line in results.splitlines() if line.startswith('- **crossmae_kept025**'))
     assert '0.50× MAE' in cross and 'so the result agrees' in cross
+
+
+@pytest.mark.parametrize('results', [{'mae': [25.0, 24.0], 'crossmae_kept025': [22.0, 21.0],
+                                      'random': [23.0, 22.0]}], indirect=True)
+def test_segmentation_section_and_a_mixed_crossmae_verdict(results):
+    """CrossMAE no worse on k-NN/probe but worse on mIoU beyond the noise: the reading says both."""
+    assert '| mae | 2 | 24.50 ± 0.71 | 25.00 / 24.00 |' in results
+    assert 'pooled std of the mIoU over seeds 0.71' in results
+    assert '- mae: 24.50 mIoU, vs random init +2.00 (+2.8 pooled std, outside the noise).' in results
+    cross = next(line for line in results.splitlines() if line.startswith('- **crossmae_kept025**'))
+    assert 'CamVid mIoU -3.00 (-4.2 pooled std, outside the noise; std of fine-tuning seeds)' in cross
+    assert 'agrees on k-NN, probe and does not on CamVid mIoU' in cross
+    assert '| mae | 1 | 48.0 | 24.0 | 0.0 |' in results  # per-class table
 
 
 def test_equal_time_and_long_cell(results):
