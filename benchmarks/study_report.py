@@ -115,7 +115,8 @@ def plot(units, seeds, path):
                 ax.axhline(s['knn20'], color='gray', ls=FLOOR_STYLE.get(s['unit'], '--'), lw=1, label=s['unit'])
     ax3.axhline(45, color='red', lw=0.8, alpha=0.5, label='45% target')
     ax1.set(xlabel='epoch', ylabel='pixel loss (norm_pix)', title='pretraining loss')
-    ax2.set(xlabel='pretraining epoch', ylabel='k-NN top-1 (k=20), %', title='k-NN vs epoch (squares: seed mean ± std)')
+    ax2.set(xlabel='pretraining epoch', ylabel='k-NN top-1 (k=20), %',
+            title='k-NN vs epoch (squares: seed mean ± std)')
     ax3.set(xlabel='pretraining wall-clock (min)', ylabel='k-NN top-1 (k=20), %', title='k-NN vs wall-clock')
     for ax in (ax1, ax2, ax3):
         ax.legend(fontsize=6)
@@ -219,9 +220,9 @@ def seg_section(a, seg):
 
 UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVid training frames and scored on
 all 233 test frames (11 classes, void ignored), from a method cell's final pretraining checkpoint (seed 0), from
-the one-hour MAE (`mae-long`) or from random init, with the same fine-tuning budget for every cell: frames rescaled to a {a.seg_size} px short side (ratio
-0.5–2.0), {a.seg_size} px crops, batch 8, {a.seg_epochs} epochs, AdamW lr {a.seg_lr} (40 warmup iterations, poly
-decay), layer decay 0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image
+the one-hour MAE (`mae-long`) or from random init, with the same fine-tuning budget for every cell: frames
+rescaled to a {a.seg_size} px short side (ratio 0.5–2.0), {a.seg_size} px crops, batch 8, {a.seg_epochs} epochs,
+AdamW lr {a.seg_lr} (40 warmup iterations, poly decay), layer decay 0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image
 evaluation at the {a.seg_size} px short side, predictions resized to the 360×480 labels. The last epoch is
 reported (no checkpoint is chosen on test).
 
