@@ -87,7 +87,7 @@ def plan(a):
     units += [f'seg:{c}-seed{s}' for c in SEEDED + ['random'] for s in seg_seeds]
     units += ['mae-long'] + [f'seg:mae-long-seed{s}' for s in seg_seeds]
     others = [m for m in METHODS if m not in SEEDED]
-    return units + others + [f'seg:{m}-seed{seg_seeds[0]}' for m in others]
+    return units + [u for m in others for u in (m, f'seg:{m}-seed{seg_seeds[0]}')]  # a cut study: whole cells
 
 
 def parse_unit(unit):
