@@ -91,7 +91,7 @@ def test_segmentation_section_and_a_mixed_crossmae_verdict(results):
 
 def test_equal_time_and_long_cell(results):
     assert '| crossmae_kept025 | 14 | 70 | 70 | 42.00 | 44.00 |' in results
-    assert '46.50% at 10.0 min, target met' in results
+    assert '46.50% at\n10.0 min, target met' in results
     assert 'Units not run yet:' in results and 'seg:mae-seed0' in results
 
 
@@ -121,3 +121,11 @@ def test_device_flag_reaches_the_scripts(tmp_path, monkeypatch):
     assert cmd[cmd.index('--device') + 1] == 'cuda' and cmd[cmd.index('--seed') + 1] == '2'
     assert cmd[cmd.index('--epochs') + 1] == '9' and cmd[cmd.index('--kept_mask_ratio') + 1] == '0.25'
     assert study.device_args(study.get_args([])) == []  # auto: the commands stay as they were
+
+
+def test_long_cell_is_read_within_its_minutes():
+    """mae-long's k-NN 'at 60 minutes' is its last point inside the measured minutes, not a later one."""
+    a = study.get_args(['--long_minutes', '10'])
+    long = {'knn_curve': [{'time_s': t, 'knn20': v} for t, v in ((300, 40.0), (590, 44.0), (620, 46.0))]}
+    assert study_report.long_point(a, long)['knn20'] == 44.0
+    assert study_report.long_point(study.get_args(['--long_minutes', '4']), long)['knn20'] == 40.0
