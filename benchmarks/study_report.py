@@ -168,10 +168,12 @@ def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg):
             fine = [k for k in diffs if k not in worse]
             said = [f'{", ".join(fine)}: no worse than MAE beyond the noise'] if fine else []
             said += [f'{", ".join(worse)}: worse than MAE beyond the noise'] if worse else []
+            if time_ratio >= 1 or not fine:
+                result = 'does not agree'
+            else:
+                result = f'agrees on {", ".join(fine)} and does not on {", ".join(worse)}' if worse else 'agrees'
             text += (f' Claim: {claim}. At our scale, at equal epochs (each costing {time_ratio:.2f}× MAE\'s): '
-                     + '; '.join(said) + ', so the result '
-                     + ('agrees' if time_ratio < 1 and not worse else 'does not agree' if not fine or time_ratio >= 1
-                        else f'agrees on {", ".join(fine)} and does not on {", ".join(worse)}')
+                     + '; '.join(said) + f', so the result {result}'
                      + (f'; at equal wall-clock, k-NN: {checks["k-NN at equal time"]}.' if eq else '.'))
         else:
             text += (f' Claim: {claim}. At our scale: '
@@ -228,9 +230,9 @@ UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVi
 all 233 test frames (11 classes, void ignored), from a method cell's final pretraining checkpoint (seed 0), from
 the one-hour MAE (`mae-long`) or from random init, with the same fine-tuning budget for every cell: frames
 rescaled to a {a.seg_size} px short side (ratio 0.5–2.0), {a.seg_size} px crops, batch 8, {a.seg_epochs} epochs,
-AdamW lr {a.seg_lr} (40 warmup iterations, poly decay), layer decay 0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image
-evaluation at the {a.seg_size} px short side, predictions resized to the 360×480 labels. The last epoch is
-reported (no checkpoint is chosen on test).
+AdamW lr {a.seg_lr} (40 warmup iterations, poly decay), layer decay 0.65, weight decay 0.05, UperNet 64
+channels, auxiliary FCN head (weight 0.4); whole-image evaluation at the {a.seg_size} px short side, predictions
+resized to the 360×480 labels. The last epoch is reported (no checkpoint is chosen on test).
 
 | cell | fine-tuning seeds | test mIoU (mean ± std) | per seed | aAcc | wall-clock per run (s) |
 |---|---:|---:|---:|---:|---:|
@@ -308,10 +310,10 @@ def write(a, root):
                                f"{mean_std([g['knn20'] for g in grp])[0]:.2f} | {eq['knn20']:.2f} | "
                                f"{mean_std([g['probe'] for g in grp])[0]:.2f} | {eq['probe']:.2f} |")
     long = units.get('mae-long')
+    at = long_point(a, long) if long else None
     long_text = ''
     if long:
         final = long['knn_curve'][-1]
-        at = long_point(a, long)
         met = 'met' if at['knn20'] >= 45 else 'NOT met'
         over = '' if at is final else (
             f" The last epoch, at {final['time_s'] / 60:.1f} measured minutes ({long['epochs']} epochs at the fastest "
@@ -358,7 +360,6 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
             f"{u} {units[u]['knn20'] - mk:+.2f} ({(units[u]['knn20'] - mk) / sd_knn:+.1f}σ)"
             for u in singles if u != 'mae') + '.')
     if long:
-        at = long_point(a, long)
         reading.append(f"- The one-hour MAE reaches {at['knn20']:.2f}% k-NN at {at['time_s'] / 60:.1f} minutes "
                        f"({'meets' if at['knn20'] >= 45 else 'does not meet'} the 45% target).")
     os.makedirs(os.path.join(root, 'docs'), exist_ok=True)
