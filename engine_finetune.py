@@ -1,24 +1,30 @@
-"""One fine-tuning / linear-probing epoch, and evaluation (Acc@1, Acc@5, loss)."""
+"""One fine-tuning / linear-probing epoch, evaluation (Acc@1, Acc@5, loss), and the epoch loop both use."""
+import datetime
 import itertools
+import json
+import os
+import time
+from contextlib import nullcontext
 
 import torch
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from engine_pretrain import StepReader
+from util.checkpoint import checkpoint_args, resume_path, rng_state, save_epoch, set_rng_state
+from util.pretrained import load_exact
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, args, mixup_fn=None,
                     log_writer=None):
     """One epoch; the loss stays on the device and is read every --print_freq steps and at the end of the epoch
-    (engine_pretrain.StepReader: non-finite check, TensorBoard 'loss' and 'lr' per optimizer step)."""
+    (util.misc.StepReader: non-finite check, TensorBoard 'loss' and 'lr' per optimizer step)."""
     model.train(True)
     metric_logger = misc.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     accum_iter, device = args.accum_iter, args.device
     total = min(len(data_loader), args.max_steps_per_epoch or len(data_loader))
-    reader = StepReader(args, epoch, total, metric_logger, log_writer, tag_prefix='')
+    reader = misc.StepReader(args, epoch, total, metric_logger, log_writer, tag_prefix='')
     optimizer.zero_grad()
     batches = itertools.islice(data_loader, total)
     for step, (samples, targets) in enumerate(metric_logger.log_every(batches, args.print_freq, f'Epoch: [{epoch}]', total)):
@@ -28,12 +34,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        with misc.autocast(args):
-            outputs = model(samples)
-        loss = criterion(outputs.float(), targets)
         update = (step + 1) % accum_iter == 0
-        loss_scaler(loss / accum_iter, optimizer, clip_grad=getattr(args, 'clip_grad', None),
-                    parameters=[p for p in model.parameters() if p.requires_grad], update_grad=update)
+        # no all-reduce mid-group: DDP decides at forward time, so the forward runs inside no_sync too
+        with model.no_sync() if args.distributed and not update else nullcontext():
+            with misc.autocast(args):
+                outputs = model(samples)
+            loss = criterion(outputs.float(), targets)
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=getattr(args, 'clip_grad', None),
+                        parameters=[p for p in model.parameters() if p.requires_grad], update_grad=update)
+        del outputs  # not kept alive into the next forward
         if update:
             optimizer.zero_grad()
         lr = max(g['lr'] for g in optimizer.param_groups)
@@ -66,3 +75,49 @@ def evaluate(data_loader, model, args):
     m = metric_logger.meters
     print(f"* Acc@1 {m['acc1'].global_avg:.3f} Acc@5 {m['acc5'].global_avg:.3f} loss {m['loss'].global_avg:.3f}")
     return {k: meter.global_avg for k, meter in m.items()}
+
+
+def fit(args, model, model_without_ddp, optimizer, criterion, loader_train, loader_val, mixup_fn=None):
+    """The epoch loop of fine-tuning and linear probing: resume, train, evaluate, checkpoint
+    (output_dir/checkpoint.pth every epoch); with --eval only the evaluation of --resume."""
+    loss_scaler = misc.LossScaler(args.device.type, enabled=args.amp == 'fp16')
+    path = resume_path(args)
+    if path:
+        ckpt = load_exact(model_without_ddp, path)
+        print(f'resumed model from {path}')
+        if 'optimizer' in ckpt and not args.eval:
+            misc.load_optimizer_state(optimizer, ckpt['optimizer'])
+            loss_scaler.load_state_dict(ckpt.get('scaler'))
+            args.start_epoch = ckpt['epoch'] + 1
+            if 'rng' in ckpt and misc.get_rank() == 0:
+                set_rng_state(ckpt['rng'])
+    if args.eval:
+        evaluate(loader_val, model, args)
+        return
+    log_writer = None
+    if misc.is_main_process() and args.output_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    print(f'start training for {args.epochs} epochs')
+    start_time, max_accuracy = time.time(), 0.0
+    for epoch in range(args.start_epoch, args.epochs):
+        loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, epoch, loss_scaler, args,
+                                      mixup_fn=mixup_fn, log_writer=log_writer)
+        if args.output_dir:
+            save_epoch({'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+                        'scaler': loss_scaler.state_dict(), 'rng': rng_state(), 'args': checkpoint_args(args)},
+                       args.output_dir, args.save_freq, args.epochs)
+        test_stats = evaluate(loader_val, model, args)
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        print(f'accuracy on {len(loader_val.dataset)} test images: {test_stats["acc1"]:.1f}%, max {max_accuracy:.2f}%')
+        if log_writer is not None:
+            for k in ('acc1', 'acc5', 'loss'):
+                log_writer.add_scalar(f'perf/test_{k}', test_stats[k], epoch)
+            log_writer.flush()
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()}, 'epoch': epoch}
+        if args.output_dir and misc.is_main_process():
+            with open(os.path.join(args.output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
+                f.write(json.dumps(log_stats) + '\n')
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')

@@ -4,65 +4,15 @@ passed to the model as positional arguments (the contrastive model takes two vie
 No step waits for the GPU: the loss and the model's logs stay on the device (detached tensors queued in a
 `misc.DeviceMeters`) and are read in one device-to-host copy every --print_freq steps (the steps that
 `log_every` prints) and at the end of the epoch; under DDP that read is one all-reduce, which also carries
-the SIGTERM stop flag. Each read (`StepReader.read`)
-- checks the losses: a non-finite one raises NonFiniteLoss naming the first bad step, before anything is saved;
-- writes the per-step TensorBoard scalars: one point per optimizer step read, with that step's own value
-  (averaged over the processes) at that step's x, so the curves are the same as with a read per step;
-- sees a stop request: the epoch then ends at the next optimizer step and reports the steps really taken
-  (a request seen at the epoch's last step lets the epoch finish; the caller checks the flag after it).
+the SIGTERM stop flag (`util.misc.StepReader`, which every training engine uses). A stop request ends the epoch
+at the next optimizer step, which then reports the steps really taken (a request seen at the epoch's last step
+lets the epoch finish; the caller checks the flag after it).
 """
 import itertools
-import math
 from contextlib import nullcontext
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class StepReader:
-    """Per-step scalars kept on the device and read every print_freq steps, as described above.
-
-    record(step, lr, update, loss=..., **more) queues one step (tensors stay on the device); read() brings the
-    queued steps to the host in one copy (one all-reduce under DDP), feeds `metric_logger`, checks the losses,
-    writes TensorBoard and returns True when some process asked to stop. Every process must read at the same
-    steps under DDP."""
-
-    def __init__(self, args, epoch, steps_per_epoch, metric_logger, log_writer=None, stop_flag=None,
-                 tag_prefix='train_'):
-        self.meters, self.steps = misc.DeviceMeters(), []  # steps: (step, lr, update) of the queued steps
-        self.reduce = getattr(args, 'distributed', False)
-        self.epoch, self.steps_per_epoch, self.metric_logger = epoch, steps_per_epoch, metric_logger
-        self.log_writer, self.stop_flag, self.tag_prefix = log_writer, stop_flag, tag_prefix
-
-    def record(self, step, lr, update, **values):
-        self.meters.update(**values)
-        self.steps.append((step, lr, update))
-
-    def read(self):
-        if self.stop_flag is not None:  # a host number: it rides in the same all-reduce
-            self.meters.update(stop=float(self.stop_flag.set))
-        window = self.meters.read(reduce=self.reduce)
-        stop = window.pop('stop', [0.])[-1] > 0
-        steps, self.steps = self.steps, []
-        for (step, _, _), value in zip(steps, window.get('loss', [])):
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f'loss is {value} at epoch {self.epoch}, step {step} (the first non-finite one of '
-                                    f'steps {steps[0][0]}-{steps[-1][0]}); stopping (the last checkpoint is left as it was)')
-        for j in range(len(steps)):
-            self.metric_logger.update(**{k: vals[j] for k, vals in window.items()})
-        if self.log_writer is not None:
-            for j, (step, lr, update) in enumerate(steps):
-                if not update:
-                    continue
-                x = int((step / self.steps_per_epoch + self.epoch) * 1000)  # epoch_1000x: comparable across batch sizes
-                for k, vals in window.items():
-                    self.log_writer.add_scalar(self.tag_prefix + k, vals[j], x)
-                self.log_writer.add_scalar('lr', lr, x)
-        return stop
 
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, mask_gen=None, log_writer=None,
@@ -79,7 +29,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, mas
     optimizer.zero_grad()
     step, interrupted, stop_requested = start_step, False, False
     total = steps_per_epoch - start_step
-    reader = StepReader(args, epoch, steps_per_epoch, metric_logger, None if args.no_step_log else log_writer,
+    reader = misc.StepReader(args, epoch, steps_per_epoch, metric_logger, None if args.no_step_log else log_writer,
                         stop_flag)
     batches = itertools.islice(data_loader, total)
     for i, (samples, _) in enumerate(metric_logger.log_every(batches, args.print_freq, header, total)):
@@ -104,6 +54,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, mas
         lr = optimizer.param_groups[0]['lr']
         metric_logger.update(lr=lr)
         reader.record(step, lr, update, loss=loss.detach(), **logs)
+        del out, views, noise  # the prediction and the views are not kept alive into the next forward
         if i % args.print_freq == 0 or i == total - 1:  # the read: the one host-device synchronisation
             stop_requested = reader.read() or stop_requested
         if stop_requested and update and i < total - 1:

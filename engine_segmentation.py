@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 import util.misc as misc
-from engine_pretrain import StepReader
 from util.datasets import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from util.seg_datasets import IGNORE_INDEX
 from util.seg_metrics import confusion_matrix, format_table, segmentation_metrics
@@ -39,14 +38,14 @@ def segmentation_loss(model, images, labels, aux_weight):
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, log_writer=None):
     """args.iters_per_epoch and args.total_iters set the schedule; returns the epoch's mean losses. The losses
-    are read every --print_freq steps and at the end (engine_pretrain.StepReader: one all-reduce under DDP,
+    are read every --print_freq steps and at the end (util.misc.StepReader: one all-reduce under DDP,
     the non-finite check naming the step, TensorBoard 'train/loss*' and 'lr' per optimizer step)."""
     model.train(True)
     metric_logger = misc.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     first = epoch * args.iters_per_epoch
     total = min(args.iters_per_epoch, args.total_iters - first)
-    reader = StepReader(args, epoch, args.iters_per_epoch, metric_logger, log_writer, tag_prefix='train/')
+    reader = misc.StepReader(args, epoch, args.iters_per_epoch, metric_logger, log_writer, tag_prefix='train/')
     optimizer.zero_grad()
     batches = itertools.islice(data_loader, total)
     for step, (images, labels) in enumerate(metric_logger.log_every(batches, args.print_freq, f'Epoch: [{epoch}]', total)):
@@ -57,11 +56,11 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, log
                 g['lr'] = lr * g.get('lr_scale', 1.0)
         images = images.to(args.device, non_blocking=True)
         labels = labels.to(args.device, non_blocking=True)
-        with misc.autocast(args):
-            loss, logs = segmentation_loss(model, images, labels, args.aux_weight)
         update = (step + 1) % args.accum_iter == 0 or step == total - 1  # the epoch's tail is applied too
-        sync_ctx = model.no_sync() if args.distributed and not update else nullcontext()  # no all-reduce mid-group
-        with sync_ctx:
+        # no all-reduce mid-group: DDP decides at forward time, so the forward runs inside no_sync too
+        with model.no_sync() if args.distributed and not update else nullcontext():
+            with misc.autocast(args):
+                loss, logs = segmentation_loss(model, images, labels, args.aux_weight)
             loss_scaler(loss / args.accum_iter, optimizer, clip_grad=args.clip_grad,
                         parameters=[p for p in model.parameters() if p.requires_grad], update_grad=update)
         if update:
@@ -116,7 +115,17 @@ def predict(model, img, size, args):
 @torch.no_grad()
 def evaluate(data_loader, model, args, classes, figure_path=None, num_figure=4):
     """Confusion matrix over the split (summed across processes) -> prints '* mIoU x aAcc y' and the per-class
-    table; returns the metrics. Writes image | ground truth | prediction rows of the first images to figure_path."""
+    table; returns the metrics. Writes image | ground truth | prediction rows of the first images to figure_path.
+    Whole images differ in size (ADE20K): cuDNN's autotuning, which would re-tune every convolution for each new
+    size, is off while evaluating."""
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        return _evaluate(data_loader, model, args, classes, figure_path, num_figure)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _evaluate(data_loader, model, args, classes, figure_path, num_figure):
     model.eval()
     if misc.get_world_size() > 1:  # DDP keeps each rank's BatchNorm statistics of its last step: use rank 0's,
         for b in model.buffers():  # which are the ones in the checkpoint

@@ -66,66 +66,98 @@ def raw_pixels(x, size):
     return f - f.mean(dim=1, keepdim=True)
 
 
+def gather_rows(t):
+    """[n, ...] on every process (the same n) -> [world_size * n, ...] in rank order (one all_gather_into_tensor)."""
+    out = t.new_empty((dist.get_world_size() * t.shape[0], *t.shape[1:]))
+    gather = getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor  # new name; the old warns
+    gather(out, t.contiguous())
+    return out
+
+
 @torch.no_grad()
 def extract_features(embed, dataset, args):
     """embed: images [N, 3, H, W] -> features [N, D].
-    -> L2-normalized features [len, D] and labels [len], identical on every process (sharded extraction)."""
+    -> L2-normalized features [len, D] and labels [len] on args.device, identical on every process (sharded
+    extraction). The features stay on the device: nothing is read on the host per batch."""
     sampler = torch.utils.data.DistributedSampler(Indexed(dataset), num_replicas=args.world_size, rank=args.rank,
                                                   shuffle=False)
     loader = torch.utils.data.DataLoader(Indexed(dataset), sampler=sampler, batch_size=args.batch_size,
-                                         num_workers=args.num_workers)
+                                         num_workers=args.num_workers,
+                                         pin_memory=getattr(args, 'pin_mem', False) and args.device.type == 'cuda')
     feats, labels, index = [], [], []
     for x, y, i in loader:
         with misc.autocast(args):
             f = embed(x.to(args.device, non_blocking=True))
-        feats.append(f.float().cpu())
+        feats.append(f.float())
         labels.append(y)
         index.append(i)
-    feats, labels, index = torch.cat(feats), torch.cat(labels), torch.cat(index)
-    if args.distributed:  # every shard has the same length (the sampler pads by repeating)
-        parts = [[None] * args.world_size for _ in range(3)]
-        for part, t in zip(parts, (feats, labels, index)):
-            dist.all_gather_object(part, t)
-        feats, labels, index = (torch.cat(p) for p in parts)
-    out_f = torch.zeros(len(dataset), feats.shape[1])
-    out_y = torch.zeros(len(dataset), dtype=torch.long)
-    out_f[index], out_y[index] = feats, labels  # padded duplicates write the same rows again
+    feats = torch.cat(feats)
+    labels, index = (torch.cat(t).to(args.device) for t in (labels, index))  # once, not per batch
+    if args.distributed:
+        # every shard has the same length: the sampler pads the sharded order by repeating its first samples, and
+        # rank r's j-th sample is at position j * world_size + r of that order; positions >= len are the padding,
+        # dropped so that each sample is placed exactly once
+        n, world = len(index), args.world_size
+        feats, labels, index = (gather_rows(t) for t in (feats, labels, index))
+        pos = torch.arange(n)[None, :] * world + torch.arange(world)[:, None]  # [rank, j], rank-major as gathered
+        keep = (pos.flatten() < len(dataset)).nonzero().flatten().to(args.device)
+        feats, labels, index = (t.index_select(0, keep) for t in (feats, labels, index))
+    out_f = feats.new_zeros(len(dataset), feats.shape[1])
+    out_y = labels.new_zeros(len(dataset))
+    out_f[index], out_y[index] = feats, labels
     return F.normalize(out_f, dim=1), out_y
 
 
-def knn_classify(train_f, train_y, test_f, test_y, ks, temperature=0.07, num_classes=None, chunk=256):
-    """Weighted k-NN on L2-normalized features -> {k: (top1 %, top5 %)}."""
+def knn_counts(train_f, train_y, test_f, test_y, ks, temperature=0.07, num_classes=None, chunk=256, rank=0,
+               world_size=1):
+    """Weighted k-NN on L2-normalized features, on their device: -> correct counts [len(ks), 2] (top1, top5) over
+    the test chunks rank, rank + world_size, ... of `chunk` rows (the same chunks whatever the world size, so
+    a sum over the ranks equals one process's counts exactly)."""
     num_classes = num_classes or int(train_y.max()) + 1
     kmax = min(max(ks), len(train_f))
-    correct = {k: [0, 0] for k in ks}
-    for s in range(0, len(test_f), chunk):
+    correct = torch.zeros(len(ks), 2, dtype=torch.long, device=test_f.device)
+    for s in range(rank * chunk, len(test_f), world_size * chunk):
         sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(kmax, dim=1)  # sorted, most similar first
         votes_w = (sim / temperature).exp()
         neighbours = train_y[idx]  # [b, kmax]
         target = test_y[s:s + chunk]
-        for k in ks:
+        for j, k in enumerate(ks):
             kk = min(k, kmax)
-            scores = torch.zeros(len(target), num_classes).scatter_add_(1, neighbours[:, :kk], votes_w[:, :kk])
+            scores = torch.zeros(len(target), num_classes, device=votes_w.device, dtype=votes_w.dtype)
+            scores.scatter_add_(1, neighbours[:, :kk], votes_w[:, :kk])
             top = scores.topk(min(5, num_classes), dim=1).indices
-            correct[k][0] += (top[:, 0] == target).sum().item()
-            correct[k][1] += (top == target[:, None]).any(dim=1).sum().item()
-    return {k: (100. * c1 / len(test_f), 100. * c5 / len(test_f)) for k, (c1, c5) in correct.items()}
+            correct[j, 0] += (top[:, 0] == target).sum()
+            correct[j, 1] += (top == target[:, None]).any(dim=1).sum()
+    return correct
+
+
+def knn_classify(train_f, train_y, test_f, test_y, ks, temperature=0.07, num_classes=None, chunk=256,
+                 distributed=False):
+    """Weighted k-NN on L2-normalized features -> {k: (top1 %, top5 %)}. distributed=True: every process takes
+    its share of the test chunks (all must hold the same features) and the counts are summed; one host read."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    correct = knn_counts(train_f, train_y, test_f, test_y, ks, temperature, num_classes, chunk, rank, world)
+    if distributed:
+        dist.all_reduce(correct)
+    correct = correct.tolist()
+    return {k: (100. * c1 / len(test_f), 100. * c5 / len(test_f)) for k, (c1, c5) in zip(ks, correct)}
 
 
 def probe_on_features(train_f, train_y, val_f, val_y, num_classes, epochs, batch_size=256, lr=0.1, seed=0):
     """A quick linear probe on extracted features (MAE's head, BatchNorm(affine=False) + Linear, trained with SGD,
     momentum 0.9, cosine lr, no augmentation); -> val top-1 %."""
     import math
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same initialisation and order on any device
     head = torch.nn.Sequential(torch.nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6),
                                torch.nn.Linear(train_f.shape[1], num_classes))
     torch.nn.init.trunc_normal_(head[1].weight, std=0.01, generator=g)
     torch.nn.init.zeros_(head[1].bias)
+    head.to(train_f.device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     steps = epochs * (len(train_f) // batch_size)
     for step in range(steps):
         if step % (len(train_f) // batch_size) == 0:
-            perm = torch.randperm(len(train_f), generator=g)
+            perm = torch.randperm(len(train_f), generator=g).to(train_f.device)
         i = perm[(step % (len(train_f) // batch_size)) * batch_size:][:batch_size]
         for group in opt.param_groups:
             group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -160,11 +192,16 @@ def evaluate_checkpoint(path, train_set, val_set, args):
         embed = lambda x: models_vit.forward_features_pooled(model, x, args.pool)  # noqa: E731
     train_f, train_y = extract_features(embed, train_set, args)
     val_f, val_y = extract_features(embed, val_set, args)
-    res = knn_classify(train_f, train_y, val_f, val_y, args.ks, args.temperature, len(train_set.classes))
+    res = knn_classify(train_f, train_y, val_f, val_y, args.ks, args.temperature, len(train_set.classes),
+                       distributed=args.distributed)  # each process searches its share of the val images
     for k, (t1, t5) in res.items():
         print(f'{name(path, args)}: k-NN k={k} top1 {t1:.2f} top5 {t5:.2f}')
-    if args.probe_epochs:
-        res['probe'] = probe_on_features(train_f, train_y, val_f, val_y, len(train_set.classes), args.probe_epochs)
+    if args.probe_epochs:  # trained once, on rank 0, and its accuracy sent to the others
+        probe = [probe_on_features(train_f, train_y, val_f, val_y, len(train_set.classes), args.probe_epochs)
+                 if misc.is_main_process() else None]
+        if args.distributed:
+            dist.broadcast_object_list(probe, src=0)
+        res['probe'] = probe[0]
         print(f'{name(path, args)}: linear probe ({args.probe_epochs} epochs on features) '
               f'top1 {res["probe"]:.2f}')
     return res

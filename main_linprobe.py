@@ -10,22 +10,23 @@ import torch
 
 import util.misc as misc
 import models_vit
-from main_finetune import add_common_args, build_data, place, run, setup
-from util.datasets import linprobe_transform
+from engine_finetune import fit
+from util.datasets import build_classification_loaders, linprobe_transform
+from util.launch import CLASSIFIER_DEFAULTS, add_classification_args, place, setup
 from util.lars import LARS
 from util.pretrained import load_encoder
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=True)
-    add_common_args(parser, batch_size=512, epochs=90, blr=0.1, warmup_epochs=10)
+    add_classification_args(parser, models_vit.MODELS, batch_size=512, epochs=90, blr=0.1, warmup_epochs=10)
     parser.add_argument('--weight_decay', type=float, default=0, help='weight decay (0 in the MAE recipe)')
     return parser
 
 
 def main(args):
-    setup(args)
-    loader_train, loader_val = build_data(args, None if args.eval else linprobe_transform(args.input_size))
+    setup(args, models_vit.CONFIGS, CLASSIFIER_DEFAULTS)
+    loader_train, loader_val = build_classification_loaders(args, None if args.eval else linprobe_transform(args.input_size))
     model = models_vit.create_vit(args.model, img_size=args.input_size, num_classes=args.nb_classes,
                                   global_pool=args.global_pool)
     if args.finetune and not args.eval:
@@ -39,7 +40,7 @@ def main(args):
         p.requires_grad = True
     model, model_without_ddp = place(model, args)
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run(args, model, model_without_ddp, optimizer, torch.nn.CrossEntropyLoss(), loader_train, loader_val)
+    fit(args, model, model_without_ddp, optimizer, torch.nn.CrossEntropyLoss(), loader_train, loader_val)
 
 
 if __name__ == '__main__':

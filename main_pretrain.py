@@ -18,7 +18,7 @@ import models_cmae
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.checkpoint import check_output_dir, resume_path, rng_state, save_on_master, set_rng_state
+from util.checkpoint import check_output_dir, checkpoint_args, resume_path, rng_state, save_on_master, set_rng_state
 from util.datasets import (TwoViewTransform, build_dataset, build_image_dataset, build_loader, eval_transform,
                            pretrain_transform)
 from util.lr_decay import param_groups_weight_decay
@@ -191,7 +191,7 @@ def main(args):
     if len(dataset) < args.batch_size * args.world_size:
         raise misc.UserError(f'{len(dataset)} images are fewer than one global batch of {args.batch_size * args.world_size}')
     loader = build_loader(dataset, args)
-    model = build_model(args).to(args.device)
+    model = misc.convert_sync_batchnorm(build_model(args), args).to(args.device)  # CMAE's heads
     model_without_ddp = model
     print(f'model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
 
@@ -201,8 +201,7 @@ def main(args):
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}, actual lr: {args.lr:.2e}, accumulate grad iterations: '
           f'{args.accum_iter}, effective batch size: {eff_batch}')
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    model = misc.ddp(model, args)
     optimizer = misc.adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), args.device, lr=args.lr,
                            betas=(0.9, 0.95))  # fused on CUDA
     loss_scaler = misc.LossScaler(args.device.type, enabled=args.amp == 'fp16')
@@ -297,10 +296,6 @@ def main(args):
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if args.output_dir:
         print(f'checkpoints and log.txt in {os.path.abspath(args.output_dir)}')
-
-
-def checkpoint_args(args):
-    return {k: v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v) for k, v in vars(args).items()}
 
 
 if __name__ == '__main__':

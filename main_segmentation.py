@@ -18,9 +18,9 @@ import torch
 import models_seg
 import util.misc as misc
 from engine_segmentation import evaluate, train_one_epoch
-from main_finetune import checkpoint_args, set_lr, setup
-from util.checkpoint import check_output_dir, load_checkpoint, resume_path, rng_state, save_epoch, set_rng_state
+from util.checkpoint import check_output_dir, checkpoint_args, load_checkpoint, resume_path, rng_state, save_epoch, set_rng_state
 from util.datasets import build_loader
+from util.launch import set_lr, setup
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_exact, read_checkpoint
 from util.seg_datasets import EvalTransform, SegmentationDataset, TrainTransform, dataset_splits, shard_sampler
@@ -153,9 +153,7 @@ def main(args):
                                               num_workers=args.num_workers,
                                               sampler=shard_sampler(len(dataset_eval), args.rank, args.world_size))
     print(f'{args.eval_split}: {len(dataset_eval)} images, {len(classes)} classes')
-    model = build_model(args, len(classes))
-    if args.distributed and args.device.type == 'cuda':
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = misc.convert_sync_batchnorm(build_model(args, len(classes)), args)
     model.to(args.device)
     model_without_ddp = model
     figure = os.path.join(args.output_dir, 'predictions.png') if args.output_dir and misc.is_main_process() else None
@@ -179,8 +177,7 @@ def main(args):
     args.total_iters = args.max_iters or args.epochs * args.iters_per_epoch
     print(f'train: {len(dataset_train)} images, {args.iters_per_epoch} iterations per epoch, {args.total_iters} in all')
     set_lr(args)
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    model = misc.ddp(model, args)
     param_groups = param_groups_lrd(model_without_ddp, args.weight_decay, layer_decay=args.layer_decay,
                                     no_weight_decay_list=model_without_ddp.no_weight_decay())
     optimizer = misc.adamw(param_groups, args.device, lr=args.lr, betas=(0.9, 0.999))  # fused on CUDA

@@ -101,13 +101,22 @@ class ContrastiveMAE(MaskedAutoencoderViT):
         x = self.feat_decoder_pred(self.feat_decoder_norm(x))
         return x[:, 1:].mean(dim=1)
 
-    def contrastive_loss(self, q, k):
-        """InfoNCE of q [N, C] against k gathered over the global batch; 2 * tau * CE (MoCo v3)."""
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        k_all = all_gather_keep_local_grad(k)
-        logits = q @ k_all.T / self.temperature
+    def contrastive_logits(self, q, k):
+        """q [N, C], k [N, C] -> logits [N, world_size * N] against k gathered over the global batch, and the
+        labels (each q's own k). In fp32 even under autocast: a bf16 matmul would round each logit by about
+        2^-9 / tau."""
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+            k_all = all_gather_keep_local_grad(k)
+            logits = q @ k_all.T / self.temperature
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * get_rank()
-        return 2 * self.temperature * F.cross_entropy(logits, labels)
+        return logits, labels
+
+    def contrastive_loss(self, q, k):
+        """InfoNCE of q [N, C] against k gathered over the global batch; 2 * tau * CE (MoCo v3); fp32."""
+        logits, labels = self.contrastive_logits(q, k)
+        with torch.autocast(q.device.type, enabled=False):
+            return 2 * self.temperature * F.cross_entropy(logits, labels)
 
     def forward(self, imgs, target_imgs, mask_ratio=0.65, noise=None, kept_mask_ratio=None):
         """imgs: online view, target_imgs: shifted, color-augmented view, both [N, C, H, W].

@@ -243,7 +243,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat((cls_token, x), dim=1)
         if self.weight_fm:
             feats = [x] if self.use_input else []
-            for i, blk in enumerate(self.blocks):
+            for i, blk in enumerate(self.blocks[:self.blocks_used]):  # the later blocks feed nothing
                 x = blk(x)
                 if i in self.use_fm:
                     feats.append(x)
@@ -251,6 +251,12 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), mask, ids_restore
+
+    @property
+    def blocks_used(self):
+        """Encoder blocks the loss depends on: with weight_fm, those up to the last of use_fm. The parameters of
+        the others get no gradient (under DDP: find_unused_parameters)."""
+        return self.use_fm[-1] + 1 if self.weight_fm else len(self.blocks)
 
     @staticmethod
     def restore_tokens(x, mask_token, ids_restore):

@@ -10,6 +10,7 @@
 Any input size works: the image is padded to a multiple of the patch size, `pos_embed` (and the optional
 relative position bias) are resized to the patch grid, and the logits are cropped back.
 """
+from collections import OrderedDict
 from functools import partial
 
 import torch
@@ -22,15 +23,33 @@ from util.pos_embed import get_2d_sincos_pos_embed, resize_pos_embed
 ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.')
 
 
-def relative_position_index(gh, gw):
+def relative_position_index(gh, gw, device=None):
     """BEiT's index into the bias table for a (1 + gh*gw)-token sequence: [1 + L, 1 + L]. Patch pairs index
     their (dh, dw) offset; the last three rows of the table are cls->patch, patch->cls and cls->cls."""
-    coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')).flatten(1)  # [2, L]
+    coords = torch.stack(torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                                        indexing='ij')).flatten(1)  # [2, L]
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [L, L, 2]
     num_rel = (2 * gh - 1) * (2 * gw - 1)
-    index = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.long)
+    index = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.long, device=device)
     index[1:, 1:] = (rel[..., 0] + gh - 1) * (2 * gw - 1) + rel[..., 1] + gw - 1
     index[0, 1:], index[1:, 0], index[0, 0] = num_rel, num_rel + 1, num_rel + 2
+    return index
+
+
+_INDEX_CACHE = OrderedDict()  # (gh, gw, device) -> index: shared by every block (and model) on that grid
+_INDEX_CACHE_SIZE = 8  # whole-image evaluation meets many sizes: keep the most recent grids only
+
+
+def cached_relative_position_index(gh, gw, device):
+    """relative_position_index(gh, gw), built on `device` once per grid (the most recent few are kept)."""
+    key = (gh, gw, torch.device(device))
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        index = _INDEX_CACHE[key] = relative_position_index(gh, gw, device)
+        while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.popitem(last=False)
+    else:
+        _INDEX_CACHE.move_to_end(key)
     return index
 
 
@@ -58,8 +77,8 @@ class Attention(nn.Module):
             gh, gw = grid
             patch = table[:-3].T.reshape(1, -1, 2 * gh0 - 1, 2 * gw0 - 1)
             patch = F.interpolate(patch, size=(2 * gh - 1, 2 * gw - 1), mode='bicubic', align_corners=False)
-            table = torch.cat([patch.flatten(2)[0].T, table[-3:]])
-            index = relative_position_index(gh, gw).to(table.device)
+            table = torch.cat([patch.flatten(2)[0].T, table[-3:]])  # each forward: the table is a parameter
+            index = cached_relative_position_index(gh, gw, table.device)  # depends on the grid only
         t = index.shape[0]
         return table[index.view(-1)].view(t, t, -1).permute(2, 0, 1)
 
@@ -210,11 +229,17 @@ class UperNetViT(nn.Module):
         x = self.patch_embed(x) + pos[:, 1:]
         x = torch.cat([(self.cls_token + pos[:, :1]).expand(n, -1, -1), x], dim=1)
         feats = []
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.blocks[:self.blocks_used]):  # the later blocks feed nothing
             x = blk(x, grid)
             if i in self.out_indices:
                 feats.append(x[:, 1:].transpose(1, 2).reshape(n, -1, *grid))  # transpose before reshape
         return feats
+
+    @property
+    def blocks_used(self):
+        """Blocks up to the last of out_indices: the parameters of the others get no gradient (under DDP:
+        find_unused_parameters)."""
+        return self.out_indices[-1] + 1
 
     def forward(self, x, with_aux=False):
         """x: [N, 3, H, W] -> logits [N, classes, H, W] (and the auxiliary logits with with_aux=True)"""

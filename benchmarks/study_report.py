@@ -10,6 +10,8 @@ import json
 import os
 import statistics
 
+import study_plan  # the units and the methods (benchmarks/ is on sys.path: study.py and the tests put it there)
+
 NOISE = 2.0  # |difference| / pooled std at which a difference is called outside the noise
 CLAIMS = {  # method: what its paper claims, in the terms this study can check
     'colormae_green': 'green-noise masks give better representations than random masking (ColorMAE: +2.72 mIoU '
@@ -270,15 +272,14 @@ def _cuda():
 
 def write(a, root):
     """Writes a.results (and docs/study_curves.png, docs/seg_predictions.png) from a.out_dir."""
-    import study  # the plan and method list
     units, seg = load(a.out_dir)
-    seeds = seed_groups(units, study.SEEDED)
+    seeds = seed_groups(units, study_plan.SEEDED)
     multi = {m: g for m, g in seeds.items() if len(g) > 1}
     sd_knn = pooled_std([[g['knn20'] for g in grp] for grp in multi.values()])
     sd_probe = pooled_std([[g['probe'] for g in grp] for grp in multi.values()])
     seg_text, seg_by, sd_seg = seg_section(a, seg) if seg else ('', {}, float('nan'))
     main_rows = []
-    for u in [*study.METHODS, *study.FLOORS, 'scratch']:
+    for u in [*study_plan.METHODS, *study_plan.FLOORS, 'scratch']:
         s = units.get(u)
         if s is not None:
             main_rows.append(f"| {u} | {fmt(s, 'pretrain_wall_s', '{:.0f}')} | {fmt(s, 'knn20')} | {fmt(s, 'knn200')} | "
@@ -303,7 +304,7 @@ def write(a, root):
         mt, ms = a.epochs * min(epoch_s(g) for g in mae), mae[0]['train_time_s']  # measured: seed 0's run
         eq_rows.append(f"| mae | {a.epochs} | {mt:.0f} | {ms:.0f} | {mean_std([g['knn20'] for g in mae])[0]:.2f} | – | "
                        f"{mean_std([g['probe'] for g in mae])[0]:.2f} | – |")
-        for m in study.EQTIME:
+        for m in study_plan.EQTIME:
             eq, grp = units.get(f'{m}-eqtime'), seeds.get(m, [])
             if eq and grp:
                 eq_rows.append(f"| {m} | {eq['epochs']} | {rate_time(eq):.0f} | {eq['train_time_s']:.0f} | "
@@ -341,7 +342,7 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
         reading.append(f"- MAE-random k-NN (k=20) {mk:.2f} (seed mean) vs the best floor, {best}, "
                        f"{floors[best]['knn20']:.2f}: {'above' if mk > floors[best]['knn20'] else 'NOT above'}.")
     if 'scratch' in units:
-        ft = [u for u in study.METHODS if u in units and 'finetune_acc1' in units[u]]
+        ft = [u for u in study_plan.METHODS if u in units and 'finetune_acc1' in units[u]]
         if ft:
             sc = units['scratch']['finetune_acc1']
             worse = [u for u in ft if units[u]['finetune_acc1'] <= sc]
@@ -353,7 +354,7 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
         reading.append(f'- Seed noise (pooled over {", ".join(multi)}): k-NN std {sd_knn:.2f}, probe std '
                        f'{sd_probe:.2f} points. Differences under {NOISE:.0f} pooled std are inside the noise.')
     reading += claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg)
-    singles = [u for u in study.METHODS if u in units and u not in seeds or (u in seeds and len(seeds[u]) == 1)]
+    singles = [u for u in study_plan.METHODS if u in units and u not in seeds or (u in seeds and len(seeds[u]) == 1)]
     if mae and singles and sd_knn == sd_knn:
         mk = mean_std([g['knn20'] for g in mae])[0]
         reading.append('- Single-seed cells vs MAE-random k-NN: ' + ', '.join(
@@ -368,9 +369,9 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
     if os.path.exists(fig):
         import shutil
         shutil.copy(fig, os.path.join(root, 'docs', 'seg_predictions.png'))
-    order = [u for u in study.plan(a) if u in units]
+    order = [u for u in study_plan.plan(a) if u in units]
     commands = '\n'.join(shown(c, units[u]) for u in order for c in units[u]['commands'])
-    missing = [u for u in study.plan(a) if not study.is_done(a, u)]
+    missing = [u for u in study_plan.plan(a) if not study_plan.is_done(a, u)]
     text = f"""# Results: a small-scale study on Imagenette at {a.input_size} px
 
 Every number here was measured by `python benchmarks/study.py` and written by it (`benchmarks/study_report.py`)

@@ -60,6 +60,31 @@ def test_infonce_single_process():
     assert torch.allclose(expected, 2 * 0.07 * F.cross_entropy(logits, torch.arange(6)), atol=1e-6)
 
 
+
+def test_infonce_logits_are_fp32_under_bf16_autocast():
+    """Under autocast the matmul of the logits ran in bf16 (8 significant bits, an error of about 2^-9 * 1/tau
+    = 0.03 in each logit). Now the loss is computed in fp32 from the (bf16) features: it equals the fp32
+    computation from the same features to fp32 rounding (|logit| <= 1/tau = 14.3: about 14 * 6e-8 absolute
+    per logit, below 1e-6 in the loss after the 2 * tau scale)."""
+    model = small_cmae(temperature=0.07)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(8, 16, generator=g).bfloat16() for _ in range(2))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = model.contrastive_loss(q, k)
+    qn, kn = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    expected = 2 * 0.07 * F.cross_entropy(qn @ kn.T / 0.07, torch.arange(8))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits, labels = model.contrastive_logits(q, k)
+    assert logits.dtype == torch.float32 and torch.equal(labels, torch.arange(8))
+    torch.testing.assert_close(logits, qn @ kn.T / 0.07, rtol=1e-6, atol=1e-5)
+    # through the model: the logged contrastive loss is fp32 too
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, _, _, logs = model(torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g))
+    assert logs['loss_contrastive'].dtype == torch.float32
+
+
 def test_infonce_gathers_the_global_batch():
     out = torchrun('tests/dist_contrastive_check.py', [])
     assert out.stdout.count('OK') == 2

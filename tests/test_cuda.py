@@ -12,13 +12,20 @@ Tolerances, with the reason for each:
   atol 1e-2 (the output is rounded to bf16, |out| < 3); gradients by relative norm 2e-2.
 - torch.compile vs eager in fp32 (TF32 off): loss 1e-4 relative, gradients 1e-3 relative norm (only the order
   of floating-point reductions differs).
+- SDPA with a bf16 attention bias (segmentation) vs fp32 math on the same bf16 inputs: as the flash kernel above.
+- SyncBatchNorm + DDP in a world of one vs the plain model in fp32: loss 1e-5 relative, gradients 1e-4 relative
+  norm (cuDNN's backward may accumulate in another order).
+With one GPU the torchrun tests over NCCL are skipped (a world of one tests no collective); the test_one_gpu_*
+tests run our collective code paths on a one-process NCCL group instead.
 The fp32 references run with torch.set_float32_matmul_precision('highest'), since the training scripts turn
 TF32 on for CUDA (misc.cuda_setup).
 """
 import argparse
+import copy
 import math
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,7 +203,7 @@ def test_flash_attn_package_matches_sdpa(variant):
     assert_backends_agree(variant, 'flash', 'sdpa')
 
 
-@pytest.mark.parametrize('variant', ['mae', 'cross25'])
+@pytest.mark.parametrize('variant', ['mae', 'cross25', 'cmae'])
 def test_compile_matches_eager(exact_fp32, variant):
     views, noise = inputs(variant)
     eager = build(variant)
@@ -273,6 +280,11 @@ def test_pretrain_50_steps_on_real_data_loss_falls(data_path, tmp_path):
     assert log[1]['train_loss'] < log[0]['train_loss']
 
 
+MULTI_GPU = pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs 2 GPUs: with one, torchrun runs a world of '
+                               'one and no collective is tested (the one-GPU paths: test_one_gpu_* below)')
+
+
+@MULTI_GPU
 def test_torchrun_nccl_cmae(data_path, tmp_path):
     """DDP over NCCL on every GPU present: InfoNCE's all_gather, the windowed all-reduce of the metrics."""
     n = torch.cuda.device_count()
@@ -287,6 +299,7 @@ def test_torchrun_nccl_cmae(data_path, tmp_path):
     assert len(log) == 2 and all(math.isfinite(r['train_loss']) for r in log)
 
 
+@MULTI_GPU
 def test_torchrun_nccl_compile(data_path, tmp_path):
     """torch.compile of the DDP-wrapped model (the order main_pretrain uses), with gradient accumulation."""
     n = torch.cuda.device_count()
@@ -297,3 +310,321 @@ def test_torchrun_nccl_compile(data_path, tmp_path):
              nproc=n)
     log = read_log(out / 'log.txt')
     assert len(log) == 1 and math.isfinite(log[0]['train_loss'])
+
+
+# ---------------------------------------------------------------- review #21 (issue items 3, 6, 7, 11, 12)
+
+def cuda_syncs(fn):
+    """-> (fn(), the synchronising CUDA calls it made), as torch.cuda.set_sync_debug_mode('warn') reports them."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return out, [f'{w.filename}:{w.lineno}' for w in caught if 'synchroniz' in str(w.message)]
+
+
+class Images:
+    def add_image(self, tag, img, step):
+        pass
+
+    add_images = add_image
+
+
+def test_tensorboard_figure_leaves_the_cuda_generator_alone():
+    """The figure's masks come from private generators: the CUDA default generator (which the `random` masks
+    of training draw from) keeps its state, and the figure's noise is what the old re-seeding drew."""
+    from util.visualize import figure_noise, log_to_tensorboard
+    model = build('mae')
+    imgs = inputs('mae', n=2)[0][0]
+    for mask_type in ('random', 'block2x2'):
+        mask_gen = masking.MaskGenerator(mask_type, 8, 0.75, seed=3, device='cuda')
+        state = torch.cuda.get_rng_state()
+        expected = torch.rand(4, device='cuda')
+        torch.cuda.set_rng_state(state)
+        log_to_tensorboard(Images(), model, imgs, mask_gen, 0.75, None, epoch=0, seed=0)
+        assert torch.equal(torch.cuda.get_rng_state(), state), mask_type
+        assert torch.equal(torch.rand(4, device='cuda'), expected), mask_type
+    noise = figure_noise(masking.MaskGenerator('random', 8, 0.75, device='cuda'), 2, 0.75, 7, torch.device('cuda'))
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        torch.manual_seed(7)
+        assert torch.equal(noise, torch.rand(2, 64, device='cuda'))
+
+
+@pytest.mark.parametrize('mask_type', ['green', 'block', 'block2x2'])
+def test_mask_generator_on_cuda_equals_cpu_without_a_sync(mask_type):
+    """The pinned non-blocking copies (and the on-device gather of the colored patterns): 10 draws queued
+    without waiting -- each staging buffer must live until its copy has run -- equal the CPU generator's."""
+    cpu = masking.MaskGenerator(mask_type, 8, 0.75, seed=3)
+    gpu = masking.MaskGenerator(mask_type, 8, 0.75, seed=3, device='cuda')
+    draws, syncs = cuda_syncs(lambda: [gpu(16) for _ in range(10)])
+    assert syncs == []
+    assert all(d.is_cuda for d in draws)
+    assert torch.equal(torch.stack(draws).cpu(), torch.stack([cpu(16) for _ in range(10)]))
+
+
+def sdpa_as_math(q, k, v, attn_mask=None):
+    """fp32 softmax(q k^T / sqrt(d) + bias) v from the same (bf16) inputs, returned in their dtype."""
+    with torch.autocast('cuda', enabled=False):
+        a = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+        return ((a + attn_mask.float()).softmax(-1) @ v.float()).to(q.dtype)
+
+
+@pytest.mark.parametrize('grid', [(4, 4), (6, 5)])
+def test_segmentation_bf16_relative_bias_through_sdpa_matches_math(exact_fp32, monkeypatch, grid):
+    """models_seg.Attention in bf16: SDPA with the relative position bias as attn_mask (17 or 31 tokens: an
+    unaligned mask) against fp32 math attention on the same bf16 q, k, v and bias; outputs within bf16
+    tolerance (rtol 1.6e-2, atol 1e-2), the bias table's gradient within 2e-2 relative norm (bf16 has 8
+    significant bits; the gradient sums over the batch). Off the training grid the cached index is on CUDA."""
+    import models_seg
+    torch.manual_seed(0)
+    attn = models_seg.Attention(96, 3, rel_pos_grid=(4, 4)).cuda()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()  # std 1: a bias that changes the attention
+    x = torch.randn(4, 1 + grid[0] * grid[1], 96, device='cuda')
+    outs, grads = [], []
+    for ref in (False, True):
+        with monkeypatch.context() as m:
+            if ref:
+                m.setattr(models_seg.F, 'scaled_dot_product_attention', sdpa_as_math)
+            attn.zero_grad()
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                out = attn(x, grid)
+            out.float().square().sum().backward()
+        outs.append(out.float())
+        grads.append(attn.relative_position_bias_table.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1.6e-2, atol=1e-2)
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 2e-2
+    if grid != (4, 4):
+        assert models_seg.cached_relative_position_index(*grid, torch.device('cuda', 0)).is_cuda
+
+
+def tiny_upernet():
+    import models_seg
+    return models_seg.UperNetViT(5, img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, channels=16,
+                                 aux_channels=8, rel_pos_bias=True).cuda()
+
+
+@pytest.fixture
+def nccl_world_of_one(tmp_path):
+    """A one-process NCCL group here (what torchrun --nproc_per_node=1 sets up, without a new interpreter):
+    DDP's bucket all-reduce, SyncBatchNorm's kernels and our gathers then run over NCCL on one GPU."""
+    import torch.distributed as dist
+    torch.cuda.set_device(0)
+    dist.init_process_group('nccl', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1,
+                            device_id=torch.device('cuda', 0))
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_gpu_nccl_collective_paths(nccl_world_of_one, monkeypatch):
+    """Our collectives are skipped in a world of one. Here their branches are entered on the one-rank NCCL
+    group with the world size faked to 2 where it selects the branch: the all-reduce then sums one rank's
+    values and the mean divides by the faked 2 -- so the devices, dtypes and copies (float64 stacks, host
+    numbers sent non-blocking, a bool from a reduced flag, the autograd of the gather) go through NCCL."""
+    import util.dist_ops as dist_ops
+    monkeypatch.setattr(misc, 'get_world_size', lambda: 2)
+    m = misc.DeviceMeters()  # StepReader's read under DDP: read(reduce=True)
+    m.update(loss=torch.tensor(3.0, device='cuda'), n=2)
+    m.update(loss=torch.tensor(5.0, device='cuda', dtype=torch.bfloat16), stop=1.0)
+    assert m.read(reduce=True) == {'loss': [1.5, 2.5], 'stop': [0.5]}
+    assert misc.all_reduce_mean(4.0) == 2.0
+    flag = misc.StopFlag()
+    assert flag.should_stop(torch.device('cuda')) is False
+    flag.set = True
+    assert flag.should_stop(torch.device('cuda')) is True
+    step_reader = getattr(misc, 'StepReader', None) or engine_pretrain.StepReader  # (moving to util.misc)
+    logger = misc.MetricLogger()
+    reader = step_reader(argparse.Namespace(distributed=True), 0, 10, logger, stop_flag=flag)
+    reader.record(0, 1e-3, True, loss=torch.tensor(4.0, device='cuda'))
+    assert reader.read() is True and logger.meters['loss'].value == 2.0  # the flag and the loss in one all-reduce
+    meter = misc.SmoothedValue()
+    meter.update(2.0, n=3)
+    meter.synchronize_between_processes()  # sums (count, total) over the ranks
+    assert (meter.count, meter.total) == (3, 6.0)
+    monkeypatch.setattr(dist_ops, '_active', lambda: True)  # CMAE's gather of the keys
+    x = torch.randn(4, 8, device='cuda', requires_grad=True)
+    y = dist_ops.all_gather_keep_local_grad(x)
+    assert torch.equal(y, x)
+    (2 * y).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.))
+    model = models_cmae.cmae_model('mae_vit_micro_patch8', proj_hidden_dim=64, proj_dim=16).cuda()
+    q, k = torch.randn(2, 6, 16, device='cuda').unbind(0)
+    gathered = model.contrastive_loss(q, k)
+    monkeypatch.setattr(dist_ops, '_active', lambda: False)
+    assert torch.equal(gathered, model.contrastive_loss(q, k))
+
+
+def test_one_gpu_syncbn_upernet_ddp_step(nccl_world_of_one, exact_fp32):
+    """main_segmentation's distributed CUDA setup (SyncBatchNorm conversion, then DDP) in a world of one: the
+    loss and gradients equal the plain model's (SyncBatchNorm falls back to batch_norm below 2 ranks, DDP
+    averages over one; only cuDNN's accumulation order may differ: 1e-4 relative norm). SyncBatchNorm's own
+    kernels (the all-gather of the statistics) are then run directly on the one rank against batch_norm."""
+    import engine_segmentation
+    from torch.nn.modules._functions import SyncBatchNorm as sync_bn
+    plain = tiny_upernet()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) > 10
+    ddp = torch.nn.parallel.DistributedDataParallel(synced, device_ids=[0])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 40, 48, generator=g).cuda(), torch.randint(0, 5, (2, 40, 48), generator=g).cuda()
+    losses = []
+    for model in (plain, ddp):
+        torch.manual_seed(1)  # the same dropout and drop-path draws
+        loss, _ = engine_segmentation.segmentation_loss(model, x, y, 0.4)
+        loss.backward()
+        losses.append(loss.item())
+    assert close(losses[1], losses[0], 1e-5, 0), losses
+    ga, gb = flat_grads(plain), flat_grads(synced)
+    assert ga.shape == gb.shape and ((gb - ga).norm() / ga.norm()).item() < 1e-4
+    bn = torch.randn(6, 16, 5, 7, device='cuda')
+    w, b = torch.rand(16, device='cuda') + 0.5, torch.randn(16, device='cuda')
+    stats = [(torch.zeros(16, device='cuda'), torch.ones(16, device='cuda')) for _ in range(2)]
+    xs = [bn.clone().requires_grad_() for _ in range(2)]
+    out = sync_bn.apply(xs[0], w, b, *stats[0], 1e-5, 0.1, nccl_world_of_one.group.WORLD, 1)
+    ref = F.batch_norm(xs[1], *stats[1], w, b, True, 0.1, 1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(stats[0], stats[1]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    up = torch.randn_like(bn)
+    out.backward(up)
+    ref.backward(up)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_one_gpu_ddp_compiled_hot_path_has_no_cuda_sync(nccl_world_of_one):
+    """main_pretrain's --compile under torchrun (torch.compile of the DDP-wrapped model, args.distributed: the
+    metric reads go through StepReader's reduce) in a world of one: 20 bf16 steps at --print_freq 10 make at
+    most the 3 reads, as without DDP (test_hot_path_has_no_cuda_sync). The pico model (depth 4, 8x8 patches at
+    32 px): the smallest graph to compile."""
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_pico_patch4().cuda()
+    compiled = torch.compile(torch.nn.parallel.DistributedDataParallel(model, device_ids=[0]))
+    opt = misc.adamw([p for p in model.parameters() if p.requires_grad], 'cuda', lr=1e-4, betas=(0.9, 0.95))
+    args = argparse.Namespace(device=torch.device('cuda'), amp='bf16', accum_iter=1, max_steps_per_epoch=0,
+                              print_freq=10, no_step_log=False, clip_grad=None, mask_ratio=0.75, kept_mask_ratio=None,
+                              lr=1e-4, min_lr=0., warmup_epochs=0, epochs=2, distributed=True)
+    batch = (torch.randn(16, 3, 32, 32).pin_memory(), torch.zeros(16))
+    mask_gen = masking.MaskGenerator('random', 8, 0.75, device='cuda')
+    scaler = misc.LossScaler('cuda', enabled=False)
+    engine_pretrain.train_one_epoch(compiled, [batch] * 3, opt, 0, scaler, args, mask_gen=mask_gen)  # compiles
+    (stats, steps, _), syncs = cuda_syncs(lambda: engine_pretrain.train_one_epoch(
+        compiled, [batch] * 20, opt, 1, scaler, args, mask_gen=mask_gen, stop_flag=misc.StopFlag()))
+    assert len(syncs) <= 3, syncs
+    assert steps == 20 and math.isfinite(stats['loss'])
+
+
+class LabelledNoise(torch.utils.data.Dataset):
+    classes = list(range(3))
+
+    def __init__(self, n=60):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 3
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + self.y[i], int(self.y[i])
+
+
+def test_knn_on_the_device_gathers_over_nccl_without_syncs(nccl_world_of_one):
+    """main_knn on CUDA: features stay on the device (at most the 3 one-off copies of labels, indices and the
+    padding mask, not one per batch: 8 batches here), gathered with all_gather_into_tensor; the search in
+    chunks split over the ranks (counts all-reduced), one read. The same as without a process group."""
+    import main_knn
+    import models_vit
+    torch.manual_seed(0)
+    vit = models_vit.vit_pico_patch4(num_classes=0).cuda().eval()
+    embed = lambda x: models_vit.forward_features_pooled(vit, x)  # noqa: E731
+    args = main_knn.get_args_parser().parse_args(['--batch_size', '8', '--num_workers', '0'])
+    args.__dict__.update(world_size=1, rank=0, device=torch.device('cuda', 0), amp='bf16')
+    results = []
+    for distributed in (True, False):
+        args.distributed = distributed
+        (train_f, train_y), syncs = cuda_syncs(lambda: main_knn.extract_features(embed, LabelledNoise(60), args))
+        assert len(syncs) <= 3 and train_f.is_cuda and train_y.is_cuda, syncs
+        val_f, val_y = main_knn.extract_features(embed, LabelledNoise(20), args)
+        res, syncs = cuda_syncs(lambda: main_knn.knn_classify(train_f, train_y, val_f, val_y, [1, 5, 100], 0.07, 3,
+                                                              chunk=8, distributed=distributed))
+        assert len(syncs) <= 1, syncs
+        results.append((train_f, train_y, res))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2]
+    assert all(0 <= t1 <= t5 <= 100 for t1, t5 in results[0][2].values())
+
+
+def image_folder(root, classes=2, per_class=12, size=40):
+    """A tiny ImageFolder (train/, val/): each class tints another channel."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    for split in ('train', 'val'):
+        for c in range(classes):
+            d = Path(root) / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.randint(0, 60, (size, size, 3)).astype(np.uint8)
+                img[..., c % 3] += 150
+                Image.fromarray(img).save(d / f'{i}.png')
+    return root
+
+
+@pytest.mark.parametrize('script', ['main_finetune', 'main_linprobe'])
+def test_finetune_and_linprobe_steps_on_cuda(tmp_path, script):
+    """Two steps and the evaluation of each script on CUDA (bf16, fused AdamW / LARS; fine-tuning with mixup
+    and cutmix), on a synthetic image folder (the device machine may not have the test data)."""
+    import importlib
+    data = image_folder(tmp_path / 'data')
+    extra = ['--mixup', 0.8, '--cutmix', 1.0] if script == 'main_finetune' else []
+    run_script(importlib.import_module(script), [
+        '--model', 'vit_pico_patch4', '--input_size', 32, '--num_workers', 0, '--cache_data', '--data_path', data,
+        '--nb_classes', 2, '--batch_size', 8, '--epochs', 1, '--max_steps_per_epoch', 2, '--warmup_epochs', 0,
+        '--device', 'cuda', '--output_dir', tmp_path / 'out', *extra])
+    log = read_log(tmp_path / 'out' / 'log.txt')
+    assert len(log) == 1 and math.isfinite(log[0]['train_loss']) and 0 <= log[0]['test_acc1'] <= 100
+
+
+def test_cpu_optimizer_state_resumes_into_fused_cuda_adamw():
+    """A plain CPU AdamW's state loaded into the fused CUDA one (what a CPU run's checkpoint resumed on a GPU
+    does): the step counters go to the GPU, where the fused kernel needs them, and the next step runs and equals
+    the CPU one's to fp32 rounding (one step of size ~lr; the fused kernel rounds in another order)."""
+    torch.manual_seed(0)
+    cpu = torch.nn.Linear(8, 4)
+    gpu = copy.deepcopy(cpu).cuda()
+    opt_cpu = misc.adamw(cpu.parameters(), 'cpu', lr=1e-2)
+    for _ in range(2):
+        cpu(torch.randn(3, 8)).square().sum().backward()
+        opt_cpu.step()
+    gpu.load_state_dict(cpu.state_dict())
+    opt_gpu = misc.adamw(gpu.parameters(), 'cuda', lr=1e-2)
+    misc.load_optimizer_state(opt_gpu, opt_cpu.state_dict())
+    assert opt_gpu.param_groups[0]['fused'] is True
+    assert all(s['step'].is_cuda for s in opt_gpu.state.values())
+    x = torch.randn(3, 8)
+    for model, opt, dev in ((cpu, opt_cpu, 'cpu'), (gpu, opt_gpu, 'cuda')):
+        opt.zero_grad()
+        model(x.to(dev)).square().sum().backward()
+        opt.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)
+
+
+def test_cmae_heads_are_sync_batchnorm_under_ddp_on_cuda(nccl_world_of_one):
+    """main_pretrain's CUDA DDP setup converts CMAE's projector/predictor BatchNorms (online and target) to
+    SyncBatchNorm, as the official heads have them; a training step then runs."""
+    args = argparse.Namespace(distributed=True, device=torch.device('cuda', 0), gpu=0)
+    model = models_cmae.cmae_model('mae_vit_micro_patch8', proj_hidden_dim=64, proj_dim=16)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    model = misc.convert_sync_batchnorm(model, args).cuda()
+    assert n_bn > 0 and sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == n_bn
+    ddp = misc.ddp(model, args)
+    views = [torch.randn(4, 3, 64, 64, device='cuda') for _ in range(2)]
+    loss = ddp(*views, mask_ratio=0.65)[0]
+    loss.backward()
+    assert torch.isfinite(loss)

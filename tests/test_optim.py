@@ -110,3 +110,22 @@ def test_resumed_fused_adamw_stays_fused(loader):
         scaler.step(fused)
         assert fused.param_groups[0]['fused'] is True
         assert float(fused.state[m2.weight]['step']) == 2  # the resumed step count, one more step taken
+
+
+@pytest.mark.parametrize('flag', ['fused', 'capturable'])
+def test_resumed_step_counters_live_where_the_fused_kernel_needs_them(flag):
+    """A checkpoint of a plain CPU AdamW resumed by a fused (or capturable) one: torch places `state['step']` by
+    the saved groups' flags, so without this run's flags it would stay a host tensor, which CUDA's fused kernel
+    refuses. Parameters on the 'meta' device stand in for CUDA ones."""
+    p = torch.nn.Parameter(torch.randn(3))
+    plain = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.randn(3)
+    plain.step()
+    q = torch.nn.Parameter(torch.empty(3, device='meta'))
+    resumed = torch.optim.AdamW([q], lr=0.1)
+    resumed.param_groups[0][flag] = True  # as on CUDA; the meta device has no fused kernel to construct with
+    misc.load_optimizer_state(resumed, plain.state_dict())
+    state = resumed.state[q]
+    assert state['step'].device.type == 'meta' and state['step'].dtype == torch.float32
+    assert state['exp_avg'].device.type == 'meta' and resumed.param_groups[0][flag] is True
+    assert plain.state_dict()['param_groups'][0][flag] in (None, False)  # the checkpoint itself is not changed

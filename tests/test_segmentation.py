@@ -1,5 +1,6 @@
 """Segmentation transfer: metrics against an independent computation, UperNet shapes, checkpoint loading,
 dataset errors, and end-to-end runs (one process, torchrun, kill and resume, --eval)."""
+import collections
 import math
 import os
 import signal
@@ -99,6 +100,66 @@ def test_relative_position_bias_zero_init_is_a_no_op_and_resizes():
         assert bias.shape == (3, 17, 17) and torch.equal(bias[:, 1, 2], table[index[1, 2]])
         assert index[1, 2] == index[5, 6] and index[0, 3] == 49 and index[3, 0] == 50 and index[0, 0] == 51
         assert b(x).shape == (1, 5, 48, 40)
+
+
+
+def bias_before_the_cache(attn, grid):
+    """Attention.relative_position_bias as it was: the index rebuilt (on the CPU) at every call off the
+    training grid."""
+    table, (gh0, gw0) = attn.relative_position_bias_table, attn.rel_pos_grid
+    if tuple(grid) == (gh0, gw0):
+        index = attn.relative_position_index
+    else:
+        gh, gw = grid
+        patch = table[:-3].T.reshape(1, -1, 2 * gh0 - 1, 2 * gw0 - 1)
+        patch = torch.nn.functional.interpolate(patch, size=(2 * gh - 1, 2 * gw - 1), mode='bicubic',
+                                                align_corners=False)
+        table = torch.cat([patch.flatten(2)[0].T, table[-3:]])
+        index = models_seg.relative_position_index(gh, gw).to(table.device)
+    t = index.shape[0]
+    return table[index.view(-1)].view(t, t, -1).permute(2, 0, 1)
+
+
+def test_relative_position_index_is_cached_per_grid_and_the_tables_still_learn(monkeypatch):
+    """Off the training grid the index is built once per grid (not per block and forward); the bicubic resize
+    of each block's own table stays in every forward, so the outputs and the tables' gradients are those of
+    the uncached code, bit for bit."""
+    torch.manual_seed(0)
+    model = tiny(8, 32, rel_pos_bias=True)  # 4x4 training grid, a table per block
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.relative_position_bias_table.normal_()
+    tables = [blk.attn.relative_position_bias_table for blk in model.blocks]
+    assert len({id(t) for t in tables}) == len(model.blocks)  # not shared: each block resizes its own
+    x = torch.randn(2, 3, 48, 40)  # a 6x5 grid
+
+    def run():
+        model.zero_grad()
+        out, aux = model(x, with_aux=True)
+        (out.square().mean() + aux.square().mean()).backward()
+        return out.detach(), [t.grad.clone() for t in tables]
+
+    model.eval()  # no dropout / drop path, batch statistics fixed: two runs must agree exactly
+    with monkeypatch.context() as m:
+        m.setattr(models_seg.Attention, 'relative_position_bias', bias_before_the_cache)
+        ref_out, ref_grads = run()
+    builds, builder = [], models_seg.relative_position_index
+
+    def counted(*a, **k):
+        builds.append(a[:2])
+        return builder(*a, **k)
+    monkeypatch.setattr(models_seg, 'relative_position_index', counted)
+    monkeypatch.setattr(models_seg, '_INDEX_CACHE', collections.OrderedDict(), raising=False)  # as a fresh process
+    out, grads = run()
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(g, r) and g.abs().sum() > 0 for g, r in zip(grads, ref_grads))
+    out_again, _ = run()
+    assert torch.equal(out_again, ref_out) and builds == [(6, 5)]  # once for 4 blocks and 2 forwards
+    model(torch.randn(1, 3, 32, 32))  # the training grid: the registered index
+    model(torch.randn(1, 3, 40, 40))
+    assert builds == [(6, 5), (5, 5)]
+    bias = model.blocks[1].attn.relative_position_bias((6, 5))
+    torch.testing.assert_close(bias, bias_before_the_cache(model.blocks[1].attn, (6, 5)), rtol=0, atol=0)
 
 
 PICO_ENC = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)
@@ -349,3 +410,24 @@ def test_poly_schedule_and_aux_weight():
     main = torch.nn.functional.cross_entropy(out, y, ignore_index=255)
     torch.testing.assert_close(loss, main + 0.4 * torch.nn.functional.cross_entropy(aux, y, ignore_index=255))
     torch.testing.assert_close(logs['loss_main'], main)
+
+
+def test_evaluation_turns_cudnn_autotuning_off_and_back_on():
+    """Whole images differ in size: autotuning would re-tune every convolution for each new size."""
+    import engine_segmentation
+    import argparse
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return torch.zeros(x.shape[0], 3, *x.shape[2:])
+    args = argparse.Namespace(device=torch.device('cpu'), amp='none', slide=False)
+    batch = [(torch.zeros(3, 8, 8), torch.zeros(8, 8, dtype=torch.int64)), (torch.zeros(3, 8, 12), torch.zeros(8, 12, dtype=torch.int64))]
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        engine_segmentation.evaluate([batch], Spy(), args, ['a', 'b', 'c'])
+        assert seen == [False, False] and torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 import study  # noqa: E402
+import study_plan  # noqa: E402
 import study_report  # noqa: E402
 
 KNN = {'mae': [40.0, 41.0, 42.0], 'colormae_green': [40.5, 41.5, 42.5], 'crossmae_kept025': [41.0, 42.0, 43.0],
@@ -104,11 +105,11 @@ def test_pooled_std_and_noise_words():
 
 def test_plan_units_parse():
     a = study.get_args([])
-    units = study.plan(a)
-    assert units[:4] == study.SEEDED and 'mae-long' in units and 'seg:random-seed1' in units
-    assert {study.parse_unit(u)[0] for u in units} == {'method', 'floor', 'scratch', 'eqtime', 'seg', 'long'}
+    units = study_plan.plan(a)
+    assert units[:4] == study_plan.SEEDED and 'mae-long' in units and 'seg:random-seed1' in units
+    assert {study_plan.parse_unit(u)[0] for u in units} == {'method', 'floor', 'scratch', 'eqtime', 'seg', 'long'}
     with pytest.raises(ValueError):
-        study.parse_unit('mae-seedX')
+        study_plan.parse_unit('mae-seedX')
 
 
 def test_device_flag_reaches_the_scripts(tmp_path, monkeypatch):

@@ -111,3 +111,8 @@ def save_epoch(state, output_dir, save_freq, epochs):
     if (epoch + 1) % save_freq == 0 or epoch + 1 == epochs:
         save_on_master({'model': state['model'], 'epoch': epoch, 'args': state['args']},
                        os.path.join(output_dir, f'checkpoint-{epoch}.pth'))
+
+
+def checkpoint_args(args):
+    """The run's flags as plain values (weights_only=True loads them): anything else becomes its str()."""
+    return {k: v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v) for k, v in vars(args).items()}

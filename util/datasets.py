@@ -291,3 +291,16 @@ class TwoViewTransform:
         if self.color is not None:
             target = self.color(target)
         return [self.finish(online), self.finish(target)]
+
+
+def build_classification_loaders(args, train_transform):
+    """-> (train loader or None with --eval, val loader) of an ImageFolder for fine-tuning and linear probing."""
+    dataset_val = build_image_dataset(args, 'val', eval_transform(args.input_size), cache=args.cache_data)
+    loader_val = build_loader(dataset_val, args, shuffle=False, drop_last=False, split=args.dist_eval)
+    if args.eval:
+        return None, loader_val
+    dataset_train = build_image_dataset(args, 'train', train_transform, cache=args.cache_data)
+    if len(dataset_train.classes) > args.nb_classes:
+        raise UserError(f'{len(dataset_train.classes)} classes in the data but --nb_classes {args.nb_classes}')
+    print(f'train: {len(dataset_train)} images, val: {len(dataset_val)} images')
+    return build_loader(dataset_train, args), loader_val

@@ -1,6 +1,7 @@
 """Process setup (torchrun, SLURM or one process), rank-0 printing, metric logging and small helpers."""
 import builtins
 import datetime
+import math
 import os
 import re
 import statistics
@@ -109,13 +110,35 @@ def adamw(params, device, **kwargs):
 
 
 def load_optimizer_state(optimizer, state):
-    """optimizer.load_state_dict keeping this run's implementation flags (fused, foreach, capturable): a
-    checkpoint from another device or a non-fused run must not switch the fused kernel off (GradScaler would
-    then hand fused-only arguments to the foreach step)."""
+    """optimizer.load_state_dict with this run's implementation flags (fused, foreach, capturable) in place of
+    the saved ones. A checkpoint from another device or a non-fused run must not switch the fused kernel off
+    (GradScaler would then hand fused-only arguments to the foreach step), nor leave the step counters on the
+    host: torch places each `state['step']` by the *saved* groups' flags -- on the parameter's device only for
+    fused or capturable groups -- and CUDA's fused AdamW refuses CPU step tensors."""
     flags = [{k: g[k] for k in ('fused', 'foreach', 'capturable') if k in g} for g in optimizer.param_groups]
+    if len(state['param_groups']) == len(flags):  # else load_state_dict says what does not match
+        state = {**state, 'param_groups': [{**g, **f} for g, f in zip(state['param_groups'], flags)]}
     optimizer.load_state_dict(state)
-    for g, f in zip(optimizer.param_groups, flags):
-        g.update(f)
+
+
+def ddp(model, args):
+    """The model in DistributedDataParallel when distributed (device_ids on CUDA), else as it is. A model whose
+    later encoder blocks feed nothing (`blocks_used` < its depth: CrossMAE's --use_fm, segmentation's
+    --out_indices) leaves their parameters without gradients, which DDP must be told of."""
+    if not getattr(args, 'distributed', False):
+        return model
+    unused = getattr(model, 'blocks_used', len(getattr(model, 'blocks', []))) < len(getattr(model, 'blocks', []))
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[args.gpu] if torch.device(args.device).type == 'cuda' else None,
+        find_unused_parameters=unused)
+
+
+def convert_sync_batchnorm(model, args):
+    """BatchNorm -> SyncBatchNorm under DDP on CUDA (statistics over the global batch, as the official CMAE /
+    MoCo v3 heads and mmseg's decoders have them); unchanged otherwise (gloo has no SyncBatchNorm kernel)."""
+    if getattr(args, 'distributed', False) and torch.device(args.device).type == 'cuda':
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def all_reduce_mean(x):
@@ -204,6 +227,57 @@ class DeviceMeters:
 
 def _stack64(tensors, device):
     return torch.stack([t.reshape(()).to(device, torch.float64) for t in tensors])
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss that is nan or inf: the run stops with exit status 1, leaving the last checkpoint as it was."""
+
+
+class StepReader:
+    """Per-step scalars kept on the device and read every print_freq steps: the one host-device synchronisation
+    of a training engine's hot path. Each read
+    - checks the losses: a non-finite one raises NonFiniteLoss naming the first bad step, before anything is saved;
+    - writes the per-step TensorBoard scalars: one point per optimizer step read, with that step's own value
+      (averaged over the processes) at that step's x, so the curves are the same as with a read per step;
+    - returns whether some process asked to stop (the stop flag rides in the same all-reduce).
+
+    record(step, lr, update, loss=..., **more) queues one step (tensors stay on the device); read() brings the
+    queued steps to the host in one copy (one all-reduce under DDP), feeds `metric_logger`, checks the losses,
+    writes TensorBoard and returns True when some process asked to stop. Every process must read at the same
+    steps under DDP."""
+
+    def __init__(self, args, epoch, steps_per_epoch, metric_logger, log_writer=None, stop_flag=None,
+                 tag_prefix='train_'):
+        self.meters, self.steps = DeviceMeters(), []  # steps: (step, lr, update) of the queued steps
+        self.reduce = getattr(args, 'distributed', False)
+        self.epoch, self.steps_per_epoch, self.metric_logger = epoch, steps_per_epoch, metric_logger
+        self.log_writer, self.stop_flag, self.tag_prefix = log_writer, stop_flag, tag_prefix
+
+    def record(self, step, lr, update, **values):
+        self.meters.update(**values)
+        self.steps.append((step, lr, update))
+
+    def read(self):
+        if self.stop_flag is not None:  # a host number: it rides in the same all-reduce
+            self.meters.update(stop=float(self.stop_flag.set))
+        window = self.meters.read(reduce=self.reduce)
+        stop = window.pop('stop', [0.])[-1] > 0
+        steps, self.steps = self.steps, []
+        for (step, _, _), value in zip(steps, window.get('loss', [])):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f'loss is {value} at epoch {self.epoch}, step {step} (the first non-finite one of '
+                                    f'steps {steps[0][0]}-{steps[-1][0]}); stopping (the last checkpoint is left as it was)')
+        for j in range(len(steps)):
+            self.metric_logger.update(**{k: vals[j] for k, vals in window.items()})
+        if self.log_writer is not None:
+            for j, (step, lr, update) in enumerate(steps):
+                if not update:
+                    continue
+                x = int((step / self.steps_per_epoch + self.epoch) * 1000)  # epoch_1000x: comparable across batch sizes
+                for k, vals in window.items():
+                    self.log_writer.add_scalar(self.tag_prefix + k, vals[j], x)
+                self.log_writer.add_scalar('lr', lr, x)
+        return stop
 
 
 class SmoothedValue:
@@ -325,9 +399,7 @@ def run_main(main, args):
         main(args)
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
         _fail(args, e, 2)
-    except RuntimeError as e:
-        if type(e).__name__ != 'NonFiniteLoss':
-            raise
+    except NonFiniteLoss as e:
         _fail(args, e, 1)
     finally:
         if is_dist_avail_and_initialized():

@@ -79,13 +79,21 @@ def save_figure(panels, path, title):
     plt.close(fig)
 
 
+def figure_noise(mask_gen, n, mask_ratio, seed, device):
+    """The masking scores of a figure: a function of `seed` alone, drawn from private generators, so that the
+    training's RNG streams (the CPU's and every GPU's default generator) are never re-seeded or advanced.
+    (torch.manual_seed re-seeds all CUDA generators, which a CPU-only fork_rng does not restore.)"""
+    if mask_gen.mask_type == 'random':  # MaskGenerator draws these from the global RNG: use our own on the device
+        g = torch.Generator(device=device).manual_seed(seed)
+        return torch.rand(n, mask_gen.num_patches, generator=g, device=device)  # = torch.manual_seed(seed); rand
+    gen = type(mask_gen)(mask_gen.mask_type, mask_gen.grid, mask_ratio, seed=seed, device=device,
+                         patterns=mask_gen.patterns)  # a fresh masking.MaskGenerator: its own CPU generator
+    return gen(n)
+
+
 def log_to_tensorboard(writer, model, imgs, mask_gen, mask_ratio, kept_mask_ratio, epoch, seed=0):
     """Reconstruction grid and the masks of a fixed batch; the training RNG streams are left untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        gen = type(mask_gen)(mask_gen.mask_type, mask_gen.grid, mask_ratio, seed=seed, device=imgs.device,
-                             patterns=mask_gen.patterns)  # a fresh masking.MaskGenerator
-        noise = gen(imgs.shape[0])
+    noise = figure_noise(mask_gen, imgs.shape[0], mask_ratio, seed, imgs.device)
     panels = reconstruct(model, imgs, noise, mask_ratio, kept_mask_ratio)
     writer.add_image('reconstruction', grid_image(panels).cpu(), epoch)
     visible = (1 - panels['removed']).view(-1, 1, *mask_gen.grid)
