@@ -6,6 +6,9 @@ training scripts use it: pinned memory, persistent workers, --prefetch_factor).
 
     python benchmarks/bench_gpu.py                          # on a GPU: base and large, batch 128, 20 timed steps
     python benchmarks/bench_gpu.py --device cpu --steps 2   # smoke check on a CPU (pico config, fp32, batch 8)
+    python benchmarks/bench_gpu.py --attn sdpa,flash --no_loader   # a table per attention backend, no loader
+
+benchmarks/gpu_check.sh runs this in pieces, each under a timeout, on a lent GPU.
 
 A training step is what engine_pretrain runs: autocast (bf16 on CUDA), backward, fused AdamW (on CUDA). Steps are
 interleaved across the variants (round-robin blocks of --block steps) so that drift hits all alike;
@@ -41,7 +44,7 @@ GIB = 2 ** 30
 class Run:
     def __init__(self, name, model, step, opt):
         self.name, self.model, self.step, self.opt = name, model, step, opt
-        self.times, self.step_peaks = [], []
+        self.times, self.step_peaks, self.warmup_s = [], [], 0.0
 
     def static_bytes(self):
         """Parameters and optimizer state (after the first step, when AdamW has made its moments)."""
@@ -51,20 +54,16 @@ class Run:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def build_runs(cfg, variants, device, attn):
-    runs = {}
-    for v in variants:
-        base = v.replace('+compile', '')
-        torch.manual_seed(0)
-        model, step = bench_pretrain.build(base, cfg, norm_pix=True)
-        model.to(device)
-        if attn != 'sdpa' and hasattr(model, 'set_attention_backend'):
-            model.set_attention_backend(attn)
-        if v.endswith('+compile'):
-            step = torch.compile(step)  # the whole forward and loss; backward through AOTAutograd
-        opt = misc.adamw([p for p in model.parameters() if p.requires_grad], device, lr=1e-4, betas=(0.9, 0.95))
-        runs[v] = Run(v, model, step, opt)
-    return runs
+def build_run(cfg, v, device, attn, compile_backend='inductor'):
+    torch.manual_seed(0)
+    model, step = bench_pretrain.build(v.replace('+compile', ''), cfg, norm_pix=True)
+    model.to(device)
+    if attn != 'sdpa' and hasattr(model, 'set_attention_backend'):
+        model.set_attention_backend(attn)
+    if v.endswith('+compile'):
+        step = torch.compile(step, backend=compile_backend)  # forward and loss; backward via AOTAutograd
+    opt = misc.adamw([p for p in model.parameters() if p.requires_grad], device, lr=1e-4, betas=(0.9, 0.95))
+    return Run(v, model, step, opt)
 
 
 def timed_steps(run, x, noise, amp_args, n):
@@ -89,16 +88,27 @@ def timed_steps(run, x, noise, amp_args, n):
     return dt, peak
 
 
-def bench_config(name, batch, a, device, amp_args):
+def bench_config(name, batch, a, device, amp_args, attn):
     cfg = CONFIGS[name]
-    runs = build_runs(cfg, a.variants, device, a.attn)
     length = (cfg[1] // cfg[2]) ** 2
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, cfg[1], cfg[1], generator=g).to(device)
     noise = torch.rand(batch, length, generator=g).to(device)
-    for run in runs.values():  # untimed warm-up first (compilation, cuDNN/cuBLAS autotuning)
-        if a.warmup:
-            timed_steps(run, x, noise, amp_args, a.warmup)
+    runs = {}
+    for v in a.variants:  # built, then an untimed warm-up (compilation, cuDNN/cuBLAS autotuning)
+        try:
+            run = build_run(cfg, v, device, attn, a.compile_backend)
+            t = time.perf_counter()
+            if a.warmup:
+                timed_steps(run, x, noise, amp_args, a.warmup)
+            run.warmup_s = time.perf_counter() - t
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # e.g. a compilation error: this variant is left out, not the whole run
+            print(f'# {name}, attention {attn}: {v} failed and is left out: {type(e).__name__}: '
+                  f'{(str(e).splitlines() or [""])[0][:300]}')
+            continue
+        runs[v] = run
     for _ in range(-(-a.steps // a.block)):  # rounds: a block of steps per variant in turn
         for run in runs.values():
             dt, peak = timed_steps(run, x, noise, amp_args, a.block)
@@ -107,12 +117,13 @@ def bench_config(name, batch, a, device, amp_args):
     return runs
 
 
-def report(name, batch, runs, peak_rate, device):
+def report(name, batch, runs, peak_rate, device, attn):
     cfg = CONFIGS[name]
     print(f'\n## {name}: {cfg[0]} at {cfg[1]} px, batch {batch}, decoder {cfg[6]}/{cfg[7]}/{cfg[8]}, norm_pix_loss, '
-          f'mask 0.75')
-    print('| variant | img/s | vs MAE (ours, eager) | train GFLOP/img | achieved TFLOP/s | of matmul peak | peak memory GiB |')
-    print('|---|---:|---:|---:|---:|---:|---:|')
+          f'mask 0.75; our attention: {attn}')
+    print('| variant | img/s | vs MAE (ours, eager) | train GFLOP/img | achieved TFLOP/s | of matmul peak '
+          '| peak memory GiB | warm-up s |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|')
     base = statistics.median(runs['mae'].times) if 'mae' in runs else None
     for v, run in runs.items():
         med = statistics.median(run.times)
@@ -121,7 +132,7 @@ def report(name, batch, runs, peak_rate, device):
         mem = f'{(run.static_bytes() + max(run.step_peaks)) / GIB:.1f}' if device.type == 'cuda' else '-'
         rel = f'{base / med:.2f}x' if base else '-'
         print(f'| {v} | {batch / med:.1f} | {rel} | {total / 1e9:.2f} | {rate / 1e12:.3g} | '
-              f'{100 * rate / peak_rate:.0f}% | {mem} |')
+              f'{100 * rate / peak_rate:.0f}% | {mem} | {run.warmup_s:.1f} |')
 
 
 def loader_rate(a, device):
@@ -155,7 +166,10 @@ def main():
                    help='default: mae,mae+compile,hf,hf+compile,cross75,cross25,cmae (CPU: the same without +compile, '
                         'which takes minutes to compile on a small CPU)')
     p.add_argument('--amp', default='auto', choices=['auto', 'none', 'bf16', 'fp16'], help='auto: bf16 on CUDA, fp32 on CPU')
-    p.add_argument('--attn', default='sdpa', choices=['sdpa', 'flash', 'math'], help='our models\' attention backend')
+    p.add_argument('--attn', default='sdpa', help='our models\' attention backends, comma-separated: sdpa, flash, math '
+                   '(a table each)')
+    p.add_argument('--compile_backend', default='inductor', help='torch.compile backend of the +compile variants '
+                   '(aot_eager or eager: a quick check of that path on a CPU, where inductor takes minutes)')
     p.add_argument('--data_path', default=os.environ.get('MAE_TEST_DATA', os.path.join(os.path.dirname(HERE), '..',
                                                                                       'shared', 'data', 'imagenette2-224')))
     p.add_argument('--loader_size', default=224, type=int)
@@ -163,7 +177,13 @@ def main():
     p.add_argument('--loader_batches', default=None, type=int, help='batches per epoch (default 40 on CUDA, 4 on the CPU)')
     p.add_argument('--loader_workers', default=os.cpu_count() or 1, type=int)
     p.add_argument('--prefetch_factor', default=4, type=int)
+    p.add_argument('--no_loader', action='store_true', help='skip the loader measurement')
+    p.add_argument('--matmul_n', default=None, type=int, help='size of the matmul rate check (default 8192 on CUDA, '
+                   '2048 on the CPU)')
     a = p.parse_args()
+    a.attn = a.attn.split(',')
+    if not set(a.attn) <= {'sdpa', 'flash', 'math'}:
+        p.error(f'--attn: expected sdpa, flash or math, got {a.attn}')
     device = torch.device('cuda' if a.device == 'auto' and torch.cuda.is_available() else
                           ('cpu' if a.device == 'auto' else a.device))
     cuda = device.type == 'cuda'
@@ -186,34 +206,38 @@ def main():
     amp_args = argparse.Namespace(device=device, amp=a.amp)
     misc.resolve_amp(amp_args)  # bf16 on CUDA, fp32 on the CPU; on CUDA also TF32 and cuDNN autotuning
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp_args.amp, torch.float32)
-    peak = bench_pretrain.matmul_rate(8192, 20, device, dtype) if cuda else bench_pretrain.matmul_rate()
+    a.matmul_n = a.matmul_n or (8192 if cuda else 2048)
+    peak = bench_pretrain.matmul_rate(a.matmul_n, 20 if cuda else 10, device, dtype)
     name = torch.cuda.get_device_name(device) if cuda else f'CPU, {torch.get_num_threads()} threads'
     print(f'# {name}; torch {torch.__version__}' + (f', CUDA {torch.version.cuda}' if cuda else '') +
           f', transformers {hf_version}; flash-attn {"installed" if models_mae.flash_attn_func else "absent"}'
-          f'; amp {amp_args.amp}; our attention: {a.attn}')
-    print(f'# measured {str(dtype).replace("torch.", "")} matmul rate ({"8192" if cuda else "2048"}^2): '
+          f'; amp {amp_args.amp}; compile backend {a.compile_backend}')
+    print(f'# measured {str(dtype).replace("torch.", "")} matmul rate ({a.matmul_n}^2): '
           f'{peak / 1e12:.3g} TFLOP/s; {a.steps} timed steps per variant (blocks of {a.block}) after {a.warmup} warm-up steps')
     first_rate = None
     for cfg in a.configs:
         batch = a.batch_size
-        while True:
-            try:
-                runs = bench_config(cfg, batch, a, device, amp_args)
-                break
-            except torch.cuda.OutOfMemoryError:
-                if batch == 1:
-                    raise
-            gc.collect()  # the failed attempt's models are garbage once the exception is gone
-            torch.cuda.empty_cache()
-            print(f'# {cfg}: batch {batch} does not fit; trying {batch // 2}')
-            batch //= 2
-        report(cfg, batch, runs, peak, device)
-        if first_rate is None and 'mae' in runs:
-            first_rate = (cfg, batch / statistics.median(runs['mae'].times))
-        del runs
-        if cuda:
-            torch.cuda.empty_cache()
-    if os.path.isdir(os.path.join(a.data_path, 'train')):
+        for attn in a.attn:
+            while True:
+                try:
+                    runs = bench_config(cfg, batch, a, device, amp_args, attn)
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if batch == 1:
+                        raise
+                gc.collect()  # the failed attempt's models are garbage once the exception is gone
+                torch.cuda.empty_cache()
+                print(f'# {cfg}: batch {batch} does not fit; trying {batch // 2}')
+                batch //= 2
+            report(cfg, batch, runs, peak, device, attn)
+            if first_rate is None and 'mae' in runs:
+                first_rate = (cfg, batch / statistics.median(runs['mae'].times))
+            del runs
+            if cuda:
+                torch.cuda.empty_cache()
+    if a.no_loader:
+        print('\n# loader: skipped (--no_loader)')
+    elif os.path.isdir(os.path.join(a.data_path, 'train')):
         rate, n = loader_rate(a, device)
         print(f'\n## loader: {a.loader_size} px JPEGs from {os.path.abspath(a.data_path)} ({n} images), batch '
               f'{a.loader_batch}, {a.loader_workers} workers, prefetch {a.prefetch_factor}, pinned, copied to {device.type}')

@@ -1,3 +1,6 @@
+import math
+from statistics import NormalDist
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +145,150 @@ def test_figure(tmp_path):
     out = tmp_path / 'masks.png'
     masking._draw_figure(str(out), grid=8)
     assert out.stat().st_size > 10_000
+
+
+# --- block (BEiT) masking: the vectorized generator against a per-sample reference ---
+
+def beit_reference(n, grid, num_mask, rng, min_patches=4, aspect=0.3, attempts=10):
+    """BEiT's MaskingGenerator one sample at a time (its area rule as masking.py has it: uniform in
+    [min_patches, max(min_patches, left_to_mask)]) -> covered [n, gh, gw] bool, before the top-up."""
+    gh, gw = grid
+    lo, hi = math.log(aspect), math.log(1 / aspect)
+    out = np.zeros((n, gh, gw), dtype=bool)
+    for covered in out:
+        count = 0
+        while count < num_mask:
+            left = num_mask - count
+            for _ in range(attempts):
+                area = min_patches + rng.random() * max(left - min_patches, 0)
+                ar = math.exp(rng.uniform(lo, hi))
+                h, w = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
+                if 0 < h < gh and 0 < w < gw:
+                    top, lft = rng.integers(gh - h + 1), rng.integers(gw - w + 1)
+                    new = h * w - int(covered[top:top + h, lft:lft + w].sum())
+                    if 0 < new <= left:
+                        covered[top:top + h, lft:lft + w] = True
+                        count += new
+                        break
+            else:  # no attempt fitted: BEiT stops here
+                break
+    return out
+
+
+def block_covered(gen, n, batch=64, **kw):
+    """The generator's covered patches (score >= 1) for n samples drawn in batches, [n, gh, gw] bool."""
+    noise = torch.cat([gen._beit_blocks(min(batch, n - i), **kw) for i in range(0, n, batch)])
+    return (noise >= 1).view(n, *gen.grid).numpy()
+
+
+def region_stats(covered, num_mask):
+    """Per-sample statistics of covered sets [n, gh, gw]: 4-connected regions (count, the largest, bounding
+    boxes taller / wider than / as wide as high), adjacent pairs along each axis, patches on the border."""
+    n, gh, gw = covered.shape
+    big = gh * gw
+    label = np.where(covered, np.arange(big).reshape(gh, gw), big)
+    while True:  # every patch takes the smallest index of its region
+        p = np.pad(label, ((0, 0), (1, 1), (1, 1)), constant_values=big)
+        nxt = np.where(covered, np.minimum.reduce([label, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2],
+                                                   p[:, 1:-1, 2:]]), big)
+        if np.array_equal(nxt, label):
+            break
+        label = nxt
+    s, r, c = np.nonzero(covered)
+    regions, inv = np.unique(s * big + label[s, r, c], return_inverse=True)
+    box = np.full((4, len(regions)), big)
+    np.minimum.at(box[0], inv, r)
+    np.minimum.at(box[1], inv, c)
+    box[2:] = -1
+    np.maximum.at(box[2], inv, r)
+    np.maximum.at(box[3], inv, c)
+    bh, bw, owner = box[2] - box[0], box[3] - box[1], regions // big
+    size = np.bincount(inv)
+    largest = np.zeros(n)
+    np.maximum.at(largest, owner, size)
+    count = covered.sum((1, 2))
+    per = lambda sel: np.bincount(owner[sel], minlength=n)  # noqa: E731
+    ring = covered.copy()
+    ring[:, 1:-1, 1:-1] = False
+    return {'covered': count, 'full': count == num_mask, 'regions': np.bincount(owner, minlength=n),
+            'largest': largest, 'tall': per(bh > bw), 'wide': per(bh < bw), 'square': per(bh == bw),
+            'pairs_v': (covered[:, 1:] & covered[:, :-1]).sum((1, 2)),
+            'pairs_h': (covered[:, :, 1:] & covered[:, :, :-1]).sum((1, 2)), 'border': ring.sum((1, 2))}
+
+
+def z_scores(a, b):
+    """|difference of means| / its standard error, per statistic of two independent samples."""
+    return {k: abs(a[k].mean() - b[k].mean()) / max(math.sqrt(a[k].var(ddof=1) / len(a[k]) +
+                                                              b[k].var(ddof=1) / len(b[k])), 1e-12) for k in a}
+
+
+BLOCK_CASES = [((14, 14), 0.75), ((14, 14), 0.25), ((8, 8), 0.5), ((6, 10), 0.6)]
+NUM_STATS = 10  # region_stats' statistics
+# two-sided, Bonferroni over every statistic of every case: a family-wise false-alarm rate of 1e-3
+Z_MAX = NormalDist().inv_cdf(1 - 1e-3 / (2 * NUM_STATS * len(BLOCK_CASES)))
+
+
+@pytest.mark.parametrize('grid,ratio', BLOCK_CASES)
+def test_block_distribution_matches_per_sample_reference(grid, ratio):
+    n = 3000
+    gen = MaskGenerator('block', grid, ratio, seed=11)
+    num_mask = gen.num_patches - masking.num_keep(gen.num_patches, ratio)
+    ref = region_stats(beit_reference(n, grid, num_mask, np.random.default_rng(12)), num_mask)
+    ours = region_stats(block_covered(gen, n), num_mask)
+    z = z_scores(ours, ref)
+    assert len(z) == NUM_STATS
+    assert max(z.values()) < Z_MAX, {k: round(v, 2) for k, v in z.items()}
+
+
+def test_block_statistics_tell_other_shapes_apart():
+    """The comparison above has the power to see a wrong aspect range or minimum block size."""
+    n, grid, ratio = 3000, (14, 14), 0.75
+    num_mask = 196 - masking.num_keep(196, ratio)
+    ref = region_stats(beit_reference(n, grid, num_mask, np.random.default_rng(12)), num_mask)
+    for kw in ({'aspect': 0.6}, {'min_patches': 9}):
+        other = region_stats(block_covered(MaskGenerator('block', grid, ratio, seed=11), n, **kw), num_mask)
+        assert max(z_scores(other, ref).values()) > Z_MAX, kw
+
+
+@pytest.mark.parametrize('grid', [(14, 14), (8, 8), (4, 4), (6, 10), (16, 16), (7, 3)])
+@pytest.mark.parametrize('ratio', [0.0, 0.3, 0.75, 0.9, 1.0])
+@pytest.mark.parametrize('batch', [1, 5, 64])
+def test_block_covers_at_most_num_mask_and_topk_masks_exactly_it(grid, ratio, batch):
+    gen = MaskGenerator('block', grid, ratio, seed=batch)
+    L = gen.num_patches
+    num_mask = L - masking.num_keep(L, ratio)
+    noise = gen(batch)
+    covered = noise >= 1
+    assert noise.dtype == torch.float32 and noise.shape == (batch, L) and (noise >= 0).all()
+    assert (covered.sum(1) <= num_mask).all()
+    mask = masks_from_noise(noise, ratio).bool()
+    assert (mask.sum(1) == num_mask).all()
+    assert not (covered & ~mask).any()  # every block patch is masked; the top-up is random
+
+
+def test_block_seeded_and_resumable(tmp_path):
+    a, b = MaskGenerator('block', 14, 0.75, seed=5), MaskGenerator('block', 14, 0.75, seed=5)
+    first = [a(n) for n in (64, 3, 17)]
+    assert all(torch.equal(x, b(len(x))) for x in first)
+    assert not torch.equal(MaskGenerator('block', 14, 0.75, seed=6)(64), first[0])
+    torch.save(a.state_dict(), tmp_path / 'gen.pth')
+    expected = [a(n) for n in (64, 1, 64)]
+    c = MaskGenerator('block', 14, 0.75, seed=0)
+    c.load_state_dict(torch.load(tmp_path / 'gen.pth'))
+    assert all(torch.equal(x, c(len(x))) for x in expected)
+
+
+@pytest.mark.parametrize('gh,gw', [(14, 14), (5, 9), (3, 64), (7, 1)])
+def test_bitboard_rectangles_and_popcount(gh, gw, monkeypatch):
+    board = masking._Bitboard(gh, gw)
+    g = np.random.default_rng(0)
+    h, w = g.integers(0, gh + 1, 200), g.integers(0, gw + 1, 200)
+    top, lft = (g.random(200) * (gh + 1 - h)).astype(int), (g.random(200) * (gw + 1 - w)).astype(int)
+    bits = board.rect(h, w, top, lft)  # [words, 200]
+    expected = np.zeros((200, gh, gw), dtype=np.int64)
+    for i in range(200):
+        expected[i, top[i]:top[i] + h[i], lft[i]:lft[i] + w[i]] = 1
+    assert np.array_equal(board.unpack(bits), expected)
+    assert np.array_equal(masking._popcount(bits).sum(0), h * w)
+    monkeypatch.delattr(np, 'bitwise_count', raising=False)  # numpy < 2.0: the byte table
+    assert np.array_equal(masking._popcount(bits).sum(0), h * w)
