@@ -1,0 +1,6 @@
+"""SLURM (or --cluster local) launcher for segmentation transfer (main_segmentation.py):
+its flags plus the cluster ones of submitit_launch.py (--job_dir, --nodes, --ngpus, --timeout, ...); see README."""
+from submitit_launch import launch
+
+if __name__ == '__main__':
+    launch('main_segmentation', 'mae_segmentation')
