@@ -11,8 +11,8 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util.checkpoint import checkpoint_args, resume_path, rng_state, save_epoch, set_rng_state
-from util.pretrained import load_exact
+from util.checkpoint import checkpoint_args, rng_state, save_epoch
+from util.launch import resume_training
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, args, mixup_fn=None,
@@ -81,16 +81,7 @@ def fit(args, model, model_without_ddp, optimizer, criterion, loader_train, load
     """The epoch loop of fine-tuning and linear probing: resume, train, evaluate, checkpoint
     (output_dir/checkpoint.pth every epoch); with --eval only the evaluation of --resume."""
     loss_scaler = misc.LossScaler(args.device.type, enabled=args.amp == 'fp16')
-    path = resume_path(args)
-    if path:
-        ckpt = load_exact(model_without_ddp, path)
-        print(f'resumed model from {path}')
-        if 'optimizer' in ckpt and not args.eval:
-            misc.load_optimizer_state(optimizer, ckpt['optimizer'])
-            loss_scaler.load_state_dict(ckpt.get('scaler'))
-            args.start_epoch = ckpt['epoch'] + 1
-            if 'rng' in ckpt and misc.get_rank() == 0:
-                set_rng_state(ckpt['rng'])
+    args.start_epoch = resume_training(args, model_without_ddp, optimizer, loss_scaler) or args.start_epoch
     if args.eval:
         evaluate(loader_val, model, args)
         return

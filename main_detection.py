@@ -13,15 +13,12 @@ import math
 import os
 import time
 
-import torch
-
 import models_det
 import util.misc as misc
 from engine_detection import evaluate, train_one_epoch
-from util.checkpoint import (check_output_dir, checkpoint_args, load_checkpoint, resume_path, rng_state, save_epoch,
-                              set_rng_state)
+from util.checkpoint import check_output_dir, checkpoint_args, load_checkpoint, resume_path, rng_state, save_epoch
 from util.det_datasets import CocoDetection, LargeScaleJitter, build_loader
-from util.launch import set_lr, setup
+from util.launch import resume_training, set_lr, setup
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_exact, read_checkpoint
 
@@ -186,8 +183,7 @@ def main(args):
     loader_val = build_loader(dataset_val, args, train=False)
     print(f'val: {len(dataset_val)} images, {len(dataset_val.classes)} classes')
     model = build_model(args, len(dataset_val.classes))
-    if args.distributed and args.device.type == 'cuda':  # none of ViTDet's norms is a BatchNorm: kept for others
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = misc.convert_sync_batchnorm(model, args)  # none of ViTDet's norms is a BatchNorm: kept for others
     model.to(args.device)
     model_without_ddp = model
     out = args.output_dir if args.output_dir and misc.is_main_process() else None
@@ -208,21 +204,11 @@ def main(args):
     args.total_iters = args.max_iters or args.epochs * args.iters_per_epoch  # loader steps (accum_iter per update)
     print(f'train: {len(dataset_train)} images, {args.iters_per_epoch} iterations per epoch, {args.total_iters} in all')
     set_lr(args)
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == 'cuda' else None)
+    model = misc.ddp(model, args)
     optimizer = misc.adamw(param_groups(model_without_ddp, args), args.device, lr=args.lr, betas=(0.9, 0.999))
     loss_scaler = misc.LossScaler(args.device.type, enabled=args.amp == 'fp16')
 
-    start_epoch, path = 0, resume_path(args)
-    if path:
-        ckpt = load_exact(model_without_ddp, path)
-        if 'optimizer' in ckpt:
-            misc.load_optimizer_state(optimizer, ckpt['optimizer'])
-            loss_scaler.load_state_dict(ckpt.get('scaler'))
-            start_epoch = ckpt['epoch'] + 1
-            if 'rng' in ckpt and misc.get_rank() == 0:
-                set_rng_state(ckpt['rng'])
-        print(f'resumed from {path} at epoch {start_epoch}')
+    start_epoch = resume_training(args, model_without_ddp, optimizer, loss_scaler)
     log_writer = None
     if out:
         from torch.utils.tensorboard import SummaryWriter

@@ -18,9 +18,9 @@ import torch
 import models_seg
 import util.misc as misc
 from engine_segmentation import evaluate, train_one_epoch
-from util.checkpoint import check_output_dir, checkpoint_args, load_checkpoint, resume_path, rng_state, save_epoch, set_rng_state
+from util.checkpoint import check_output_dir, checkpoint_args, load_checkpoint, resume_path, rng_state, save_epoch
 from util.datasets import build_loader
-from util.launch import set_lr, setup
+from util.launch import resume_training, set_lr, setup
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_exact, read_checkpoint
 from util.seg_datasets import EvalTransform, SegmentationDataset, TrainTransform, dataset_splits, shard_sampler
@@ -183,16 +183,7 @@ def main(args):
     optimizer = misc.adamw(param_groups, args.device, lr=args.lr, betas=(0.9, 0.999))  # fused on CUDA
     loss_scaler = misc.LossScaler(args.device.type, enabled=args.amp == 'fp16')
 
-    start_epoch, path = 0, resume_path(args)
-    if path:
-        ckpt = load_exact(model_without_ddp, path)
-        if 'optimizer' in ckpt:
-            misc.load_optimizer_state(optimizer, ckpt['optimizer'])
-            loss_scaler.load_state_dict(ckpt.get('scaler'))
-            start_epoch = ckpt['epoch'] + 1
-            if 'rng' in ckpt and misc.get_rank() == 0:
-                set_rng_state(ckpt['rng'])
-        print(f'resumed from {path} at epoch {start_epoch}')
+    start_epoch = resume_training(args, model_without_ddp, optimizer, loss_scaler)
     log_writer = None
     if misc.is_main_process() and args.output_dir:
         from torch.utils.tensorboard import SummaryWriter

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 import util.misc as misc
-from util.checkpoint import check_output_dir
-from util.pretrained import fill_from_checkpoint
+from util.checkpoint import check_output_dir, resume_path, set_rng_state
+from util.pretrained import fill_from_checkpoint, load_exact
 
 CLASSIFIER_DEFAULTS = {'model': 'vit_base_patch16', 'input_size': 224}  # when neither a flag nor the checkpoint says
 
@@ -85,3 +85,20 @@ def place(model, args):
     if getattr(args, 'compile', False):  # after DDP, as main_pretrain; checkpoints use the bare model
         wrapped = torch.compile(wrapped)
     return wrapped, model
+
+
+def resume_training(args, model_without_ddp, optimizer, loss_scaler):
+    """Loads --resume (or output_dir/checkpoint.pth) into the model and, when training from a checkpoint that has
+    them, the optimizer, the loss scaler and rank 0's RNG state. -> the epoch to start at (0: none to resume)."""
+    path = resume_path(args)
+    if not path:
+        return 0
+    ckpt, start = load_exact(model_without_ddp, path), 0
+    if 'optimizer' in ckpt and not getattr(args, 'eval', False):
+        misc.load_optimizer_state(optimizer, ckpt['optimizer'])
+        loss_scaler.load_state_dict(ckpt.get('scaler'))
+        start = ckpt['epoch'] + 1
+        if 'rng' in ckpt and misc.get_rank() == 0:
+            set_rng_state(ckpt['rng'])
+    print(f'resumed from {path} at epoch {start}')
+    return start
