@@ -82,21 +82,19 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, dim // num_heads))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, dim // num_heads))
 
-    def forward(self, x, key_mask=None):
-        """x: [B, H, W, C], key_mask: additive [B, 1, 1, H*W] or None -> [B, H, W, C]"""
+    def forward(self, x):
+        """x: [B, H, W, C] -> [B, H, W, C]"""
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (h, w)) if self.use_rel_pos else None
-        if key_mask is not None:
-            bias = key_mask.to(q.dtype) if bias is None else bias + key_mask.to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(b, h, w, c))
 
 
 class Block(nn.Module):
-    """Pre-norm block (timm's keys). window_size > 0: attention within non-overlapping windows; the padding
-    that completes the border windows is masked out of the keys (detectron2 lets it take part), so a window
-    that covers the whole grid is exactly global attention."""
+    """Pre-norm block (timm's keys). window_size > 0: attention within non-overlapping windows. The border
+    windows are completed with zeros after norm1 and, as in detectron2's ViTDet, the padded tokens take part in
+    the attention (no mask): official ViTDet weights see the numerics they were trained with."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=True, drop_path=0., norm_layer=nn.LayerNorm,
                  window_size=0, rel_pos_size=None):
@@ -114,12 +112,7 @@ class Block(nn.Module):
         if ws:
             b, h, w, _ = x.shape
             y, padded = window_partition(y, ws)
-            mask = None
-            if padded != (h, w):  # -inf on the padded keys of each window
-                valid, _ = window_partition(x.new_ones(1, h, w, 1), ws)
-                mask = torch.zeros_like(valid).masked_fill(valid == 0, float('-inf')).view(-1, 1, 1, ws * ws)
-                mask = mask.repeat(b, 1, 1, 1)
-            y = window_unpartition(self.attn(y, mask), ws, padded, (h, w))
+            y = window_unpartition(self.attn(y), ws, padded, (h, w))
         else:
             y = self.attn(y)
         x = x + self.drop_path(y)

@@ -28,7 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study_report  # noqa: E402
-from study_plan import FLOORS, METHODS, SEEDED, is_done, parse_unit, plan  # noqa: E402
+import study_transfer  # noqa: E402
+from study_plan import CELLS, FLOORS, METHODS, SEEDED, is_done, parse_unit, plan, unit_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def get_args(argv=None):
@@ -50,12 +51,23 @@ def get_args(argv=None):
     p.add_argument('--num_workers', default=2, type=int)
     p.add_argument('--device', default='auto', help='auto, cuda or cpu (for every script the study runs)')
     # --- segmentation transfer: UperNet fine-tuned on CamVid from a cell's final checkpoint (or random init)
-    p.add_argument('--seg_seeds', default='0,1', help=f'fine-tuning seeds of {", ".join(SEEDED)} and random '
-                   '(the other methods: the first)')
+    p.add_argument('--seg_seeds', default='0,1', help=f'fine-tuning seeds of {", ".join(SEEDED)}, mae-long and '
+                   'random (the other methods: the first)')
     p.add_argument('--seg_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'camvid'))
     p.add_argument('--seg_size', default=96, type=int, help='crop = short side of the rescaled CamVid frames')
-    p.add_argument('--seg_epochs', default=8, type=int)
+    p.add_argument('--seg_iters', default=360, type=int, help='the short budget (8 epochs of 45 iterations)')
+    p.add_argument('--seg_curve', default='360,900,1800', help='budgets (iterations) of the curve: random init, '
+                   'mae-long and mae at each; the claim cells run at the converged one (study_transfer.converged)')
     p.add_argument('--seg_lr', default='1e-3', help='AdamW lr (absolute) of the segmentation fine-tunes')
+    # --- detection transfer: Mask R-CNN fine-tuned on Penn-Fudan
+    p.add_argument('--det_seeds', default='0,1', help='fine-tuning seeds at the longest detection budget')
+    p.add_argument('--det_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'pennfudan'))
+    p.add_argument('--det_size', default=128, type=int, help='longer side of training crops and evaluation')
+    p.add_argument('--det_iters', default=256, type=int, help='the short budget (8 epochs of 32 iterations)')
+    p.add_argument('--det_curve', default='256,640,1280', help='budgets (iterations) of the detection curve')
+    p.add_argument('--det_lr', default='1e-3', help='AdamW lr (absolute) of the detection fine-tunes')
+    p.add_argument('--det_fpn', default=48, type=int, help='--fpn_channels of the detector')
+    p.add_argument('--det_fc', default=128, type=int, help='--fc_dim of the box head')
     return p.parse_args(argv)
 
 
@@ -178,8 +190,8 @@ def run_pretrain_unit(a, unit, kind, method, seed):
 
 def run_unit(a, unit):
     kind, cell, seed = parse_unit(unit)
-    if kind == 'seg':
-        return segment(a, cell, seed)
+    if kind in study_transfer.TASKS:
+        return transfer(a, *study_transfer.parse(unit, CELLS))
     if kind in ('method', 'eqtime', 'long'):
         summary = run_pretrain_unit(a, unit, kind, cell, seed)
     else:
@@ -199,24 +211,59 @@ def run_unit(a, unit):
     return summary
 
 
-def segment(a, cell, seed):
-    """UperNet on CamVid from `cell`'s final checkpoint ('random': no pretraining); the same budget for all.
-    -> summary dict (test mIoU, aAcc, per-class IoU, wall-clock, command)"""
-    out = os.path.join(a.out_dir, 'seg', f'{cell}-seed{seed}')
-    cmd = ['main_segmentation.py', '--model', f'vit_{a.model}', '--data_path', a.seg_data, '--input_size',
-           str(a.seg_size), '--batch_size', '8', '--epochs', str(a.seg_epochs), '--warmup_iters', '40', '--lr', a.seg_lr,
-           '--layer_decay', '0.65', '--weight_decay', '0.05', '--drop_path', '0.1', '--head_channels', '64',
-           '--aux_channels', '32', '--num_workers', str(a.num_workers), '--eval_batch_size', '8', '--seed', str(seed),
-           '--save_freq', '1000', '--output_dir', out, *device_args(a)]
+def pretrained(a, cell):
+    """The final checkpoint of a pretraining cell, run (again) when missing: the summaries travel in git, the
+    checkpoints do not, so a new machine re-makes a cell's pretraining before fine-tuning from it."""
+    source = summary_of(a, cell)
+    ckpt = source and os.path.join(a.out_dir, cell, f'checkpoint-{source["epochs"] - 1}.pth')
+    if not source or not os.path.exists(ckpt):
+        print(f'{cell}: pretraining {"again (its checkpoint is not on this machine)" if source else "first"}',
+              flush=True)
+        shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)
+        source = run_unit(a, cell)
+        ckpt = os.path.join(a.out_dir, cell, f'checkpoint-{source["epochs"] - 1}.pth')
+    return ckpt
+
+
+def transfer_cmd(a, task, iters, seed, out):
+    common = ['--model', f'vit_{a.model}', '--max_iters', str(iters), '--weight_decay', '0.05', '--drop_path',
+              '0.1', '--num_workers', str(a.num_workers), '--seed', str(seed), '--save_freq', '1000', '--output_dir',
+              out, *device_args(a)]
+    if task == 'seg':
+        return ['main_segmentation.py', '--data_path', a.seg_data, '--input_size', str(a.seg_size), '--batch_size',
+                '8', '--warmup_iters', '40', '--lr', a.seg_lr, '--layer_decay', '0.65', '--head_channels', '64',
+                '--aux_channels', '32', '--eval_batch_size', '8', *common]
+    return ['main_detection.py', '--data_path', a.det_data, '--input_size', str(a.det_size), '--fpn_channels',
+            str(a.det_fpn), '--fc_dim', str(a.det_fc), '--anchor_sizes', '8', '16', '32', '64', '128',
+            '--rpn_pre_nms', '500', '300', '--rpn_post_nms', '300', '200', '--rpn_batch_size', '128',
+            '--roi_batch_size', '64', '--scale_range', '0.5', '2.0', '--batch_size', '4', '--warmup_iters', '20',
+            '--lr', a.det_lr, '--layer_decay', '0.75', '--eval_batch_size', '4', *common]
+
+
+def transfer(a, task, budget, cell, seed):
+    """`task` ('seg': UperNet on CamVid, 'det': Mask R-CNN on Penn-Fudan) fine-tuned from `cell`'s final
+    checkpoint ('random': no pretraining) for a budget (study_transfer.resolve).
+    -> summary dict (the metrics of the last evaluation, wall-clock, command)"""
+    iters = study_transfer.resolve(a, task, budget)
+    if iters is None:
+        raise RuntimeError(f'{task}c units need the converged budget: {study_transfer.converged(a, task)[1]}')
+    out = study_transfer.run_dir(a, task, cell, seed, iters)
+    cmd = transfer_cmd(a, task, iters, seed, out)
     if cell != 'random':
-        source = summary_of(a, cell) or run_unit(a, cell)  # the method cell (seed 0) or mae-long first
-        cmd += ['--finetune', os.path.join(a.out_dir, cell, f'checkpoint-{source["epochs"] - 1}.pth')]
+        cmd += ['--finetune', pretrained(a, cell)]
     shutil.rmtree(out, ignore_errors=True)  # a fresh fine-tune, never a resume
     os.makedirs(out)
     wall = run(cmd, os.path.join(out, 'study.log'))
     last = read_log(out)[-1]
-    summary = {'cell': cell, 'seed': seed, 'miou': last['test_miou'], 'aacc': last['test_aacc'],
-               'macc': last['test_macc'], 'iou': last['test_iou'], 'wall_s': wall, 'command': cmd, 'root': ROOT}
+    summary = {'task': task, 'cell': cell, 'seed': seed, 'iters': iters, 'wall_s': wall, 'command': cmd,
+               'root': ROOT}
+    if task == 'seg':
+        summary.update(miou=last['test_miou'], aacc=last['test_aacc'], macc=last['test_macc'], iou=last['test_iou'])
+    else:
+        summary.update(box_ap=last['test_bbox_AP'], box_ap50=last['test_bbox_AP50'], box_stats=last['test_bbox_stats'])
+        if 'test_segm_AP' in last:
+            summary.update(mask_ap=last['test_segm_AP'], mask_ap50=last['test_segm_AP50'],
+                           mask_stats=last['test_segm_stats'])
     with open(os.path.join(out, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -228,15 +275,16 @@ def main(argv=None):
     try:
         [parse_unit(u) for u in units]
     except ValueError as e:
-        sys.exit(f'error: {e}; units: {", ".join(plan(a))} (any <method>-seed<k>, seg:<method|mae-long|random>-seed<k>)')
+        sys.exit(f'error: {e}; units: {", ".join(plan(a))} (any <method>-seed<k>, '
+                 f'<seg|det>[<iterations>|c]:<method|mae-long|random>-seed<k>)')
     os.makedirs(a.out_dir, exist_ok=True)
     if not a.report:
         for unit in units:
-            kind, cell, seed = parse_unit(unit)
-            if a.force and a.cells:
-                sub = os.path.join('seg', f'{cell}-seed{seed}') if kind == 'seg' else unit
-                shutil.rmtree(os.path.join(a.out_dir, sub), ignore_errors=True)
-            if not is_done(a, unit):
+            if a.force and a.cells and unit_dir(a, unit):
+                shutil.rmtree(unit_dir(a, unit), ignore_errors=True)
+            if unit_dir(a, unit) is None:  # a converged-budget unit before its curve: said, not run
+                print(f'{unit}: not run: {study_transfer.converged(a, parse_unit(unit)[0])[1]}', flush=True)
+            elif not is_done(a, unit):
                 t = time.time()
                 run_unit(a, unit)
                 print(f'{unit}: done in {time.time() - t:.0f} s', flush=True)

@@ -2,6 +2,8 @@
 pretraining flags, the floors, the units in the order they run, and where each unit's summary lies."""
 import os
 
+import study_transfer
+
 METHODS = {  # method: extra pretraining flags
     'mae': ['--mask_type', 'random'],
     'colormae_green': ['--mask_type', 'green'],
@@ -23,24 +25,39 @@ FLOORS = {  # unit: main_knn.py model flags (None: the study's ViT, untrained); 
 
 
 def plan(a):
-    """Every unit in the order the study runs them: the claims' cells and their seeds first."""
+    """Every unit in the order the study runs them: the claims' cells and their seeds first, then the transfer
+    curves (random init, mae-long, mae at every budget), the claim cells at the converged segmentation budget and
+    Mask R-CNN at the longest detection budget with two seeds; a cut study leaves whole cells out."""
     seeds, seg_seeds = [int(s) for s in a.seeds.split(',')], [int(s) for s in a.seg_seeds.split(',')]
+    det_seeds = [int(s) for s in a.det_seeds.split(',')]
     units = SEEDED + list(FLOORS) + ['scratch']
     units += [f'{m}-seed{s}' for s in seeds if s != 0 for m in SEEDED]
     units += [f'{m}-eqtime' for m in EQTIME]
     units += [f'seg:{c}-seed{s}' for c in SEEDED + ['random'] for s in seg_seeds]
     units += ['mae-long'] + [f'seg:mae-long-seed{s}' for s in seg_seeds]
+    for task in study_transfer.TASKS:
+        short = study_transfer.short(a, task)
+        units += [f'{task}:{c}-seed0' for c in study_transfer.CURVE_CELLS if f'{task}:{c}-seed0' not in units]
+        units += [f'{task}{i}:{c}-seed0' for i in study_transfer.curve(a, task) if i != short
+                  for c in study_transfer.CURVE_CELLS]
+    units += [f'segc:{c}-seed{s}' for s in seg_seeds for c in ('random', 'mae-long', 'mae')]
+    units += [f'segc:{c}-seed{s}' for s in seg_seeds for c in SEEDED[1:]]  # one seed each first if cut
+    longest = study_transfer.curve(a, 'det')[-1]
+    units += [f'det{longest}:{c}-seed{s}' for s in det_seeds[1:] for c in study_transfer.CURVE_CELLS]
     others = [m for m in METHODS if m not in SEEDED]
-    return units + [u for m in others for u in (m, f'seg:{m}-seed{seg_seeds[0]}')]  # a cut study: whole cells
+    return units + [u for m in others for u in (m, f'seg:{m}-seed{seg_seeds[0]}')]
+
+
+CELLS = [*METHODS, 'random', 'mae-long']  # what a transfer unit fine-tunes from
 
 
 def parse_unit(unit):
-    """-> (kind, method or floor, seed) for a unit name."""
-    if unit.startswith('seg:'):
-        cell, _, seed = unit[4:].rpartition('-seed')
-        if (cell in METHODS or cell in ('random', 'mae-long')) and seed.isdigit():
-            return 'seg', cell, int(seed)
-    elif unit in METHODS:
+    """-> (kind, method or floor, seed) for a unit name ('seg' / 'det' for transfer units: see
+    study_transfer.parse for their budget)."""
+    transfer = study_transfer.parse(unit, CELLS)
+    if transfer is not None:
+        return transfer[0], transfer[2], transfer[3]
+    if unit in METHODS:
         return 'method', unit, 0
     elif unit in FLOORS or unit == 'scratch':
         return unit if unit == 'scratch' else 'floor', unit, 0
@@ -55,7 +72,17 @@ def parse_unit(unit):
     raise ValueError(f'unknown unit {unit!r}')
 
 
+def unit_dir(a, unit):
+    """Where a unit's summary.json lies; None for a converged-budget unit whose budget is not known yet."""
+    transfer = study_transfer.parse(unit, CELLS)
+    if transfer is None:
+        parse_unit(unit)
+        return os.path.join(a.out_dir, unit)
+    task, budget, cell, seed = transfer
+    iters = study_transfer.resolve(a, task, budget)
+    return None if iters is None else study_transfer.run_dir(a, task, cell, seed, iters)
+
+
 def is_done(a, unit):
-    kind, cell, seed = parse_unit(unit)
-    sub = os.path.join('seg', f'{cell}-seed{seed}') if kind == 'seg' else unit
-    return os.path.exists(os.path.join(a.out_dir, sub, 'summary.json'))
+    d = unit_dir(a, unit)
+    return d is not None and os.path.exists(os.path.join(d, 'summary.json'))

@@ -11,6 +11,7 @@ import os
 import statistics
 
 import study_plan  # the units and the methods (benchmarks/ is on sys.path: study.py and the tests put it there)
+import study_transfer
 
 NOISE = 2.0  # |difference| / pooled std at which a difference is called outside the noise
 CLAIMS = {  # method: what its paper claims, in the terms this study can check
@@ -56,12 +57,12 @@ def verdict(d, sd):
 
 
 def load(out_dir):
+    """-> {unit: summary} of the pretraining units and floors (the transfer runs: study_transfer.load)"""
     units = {}
     for p in glob.glob(os.path.join(out_dir, '*', 'summary.json')):
         s = json.load(open(p))
-        units[s.get('unit', s.get('cell'))] = s
-    seg = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out_dir, 'seg', '*', 'summary.json')))]
-    return units, seg
+        units[s['unit']] = s
+    return units
 
 
 def seed_groups(units, methods):
@@ -133,7 +134,7 @@ def plot(units, seeds, path):
     plt.close(fig)
 
 
-def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg):
+def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg, seg_label=''):
     mae = seeds.get('mae', [])
     if len(mae) < 1:
         return []
@@ -151,7 +152,7 @@ def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg):
         checks = {'k-NN': verdict(dk, sd_knn), 'probe': verdict(dp, sd_probe)}
         if m in seg_by and 'mae' in seg_by:
             ds = mean_std([r['miou'] for r in seg_by[m]])[0] - mean_std([r['miou'] for r in seg_by['mae']])[0]
-            parts.append(f'CamVid mIoU {ds:+.2f} ({in_noise(ds, sd_seg)}; std of fine-tuning seeds)')
+            parts.append(f'CamVid mIoU at {seg_label} {ds:+.2f} ({in_noise(ds, sd_seg)}; std of fine-tuning seeds)')
             checks['mIoU'] = verdict(ds, sd_seg)
         eq = units.get(f'{m}-eqtime')
         time_ratio = min(epoch_s(g) for g in group) / mae_epoch
@@ -184,78 +185,6 @@ def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg):
     return lines
 
 
-def seg_section(a, seg):
-    if not seg:
-        return ''
-    classes = [c.strip() for c in open(os.path.join(a.seg_data, 'classes.txt')) if c.strip()]
-    order = ['mae', 'colormae_green', 'colormae_red', 'colormae_blue', 'colormae_purple', 'crossmae_kept075',
-             'crossmae_kept025', 'cmae', 'mae-long', 'random']
-    cells = [c for c in order if any(r['cell'] == c for r in seg)]
-    by = {c: sorted((r for r in seg if r['cell'] == c), key=lambda r: r['seed']) for c in cells}
-    sd = pooled_std([[r['miou'] for r in by[c]] for c in cells])
-    rows, class_rows, reading = [], [], []
-    for c in cells:
-        m, s = mean_std([r['miou'] for r in by[c]])
-        rows.append(f"| {c} | {len(by[c])} | {m:.2f} ± {s:.2f} | {per([r['miou'] for r in by[c]])} | "
-                    f"{mean_std([r['aacc'] for r in by[c]])[0]:.2f} | "
-                    f"{sum(r['wall_s'] for r in by[c]) / len(by[c]):.0f} |")
-        class_rows += [f"| {c} | {r['seed']} | " + ' | '.join(f'{v:.1f}' for v in r['iou']) + ' |' for r in by[c]]
-    reading.append(f'- Fine-tuning noise: pooled std of the mIoU over seeds {sd:.2f} (cells with 2 or more seeds; '
-                   f'2 seeds each give a rough estimate). Every cell fine-tunes from one pretraining run (seed 0), so '
-                   f'pretraining noise (the k-NN seeds above) is not in this std: differences near it are weaker '
-                   f'evidence than they look.')
-    base = mean_std([r['miou'] for r in by['random']])[0] if 'random' in by else None
-    mae = mean_std([r['miou'] for r in by['mae']])[0] if 'mae' in by else None
-    for c in cells:
-        m = mean_std([r['miou'] for r in by[c]])[0]
-        parts = []
-        if base is not None and c != 'random':
-            parts.append(f'vs random init {m - base:+.2f} ({in_noise(m - base, sd)})')
-        if mae is not None and c not in ('mae', 'random'):
-            parts.append(f'vs MAE {m - mae:+.2f} ({in_noise(m - mae, sd)})')
-        if parts:
-            reading.append(f'- {c}: {m:.2f} mIoU, ' + '; '.join(parts) + '.')
-    if 'mae' in by and 'random' in by:
-        per_class = [(n, statistics.mean(r['iou'][i] for r in by['mae']) - statistics.mean(r['iou'][i] for r in
-                                                                                             by['random']))
-                     for i, n in enumerate(classes)]
-        big = sorted((d for d in per_class if abs(d[1]) >= 1), key=lambda d: -abs(d[1]))
-        reading.append('- Per class, MAE − random (mean IoU): ' + (', '.join(f'{n} {d:+.1f}' for n, d in big)
-                                                                   or 'no class differs by 1 IoU or more') + '.')
-    learned = [n for i, n in enumerate(classes) if all(r['iou'][i] >= 1 for r in seg)]
-    reading.append(f"- Classes above 1 IoU in every run: {', '.join(learned)} ({len(learned)} of {len(classes)}); "
-                   f"the others (thin or rare at {a.seg_size} px) stay near 0 in some runs.")
-    commands = '\n'.join(shown(r['command'], r) for c in cells for r in by[c])
-    return f"""## Segmentation transfer: UperNet on CamVid
-
-UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVid training frames and scored on
-all 233 test frames (11 classes, void ignored), from a method cell's final pretraining checkpoint (seed 0), from
-the one-hour MAE (`mae-long`) or from random init, with the same fine-tuning budget for every cell: frames
-rescaled to a {a.seg_size} px short side (ratio 0.5–2.0), {a.seg_size} px crops, batch 8, {a.seg_epochs} epochs,
-AdamW lr {a.seg_lr} (40 warmup iterations, poly decay), layer decay 0.65, weight decay 0.05, UperNet 64
-channels, auxiliary FCN head (weight 0.4); whole-image evaluation at the {a.seg_size} px short side, predictions
-resized to the 360×480 labels. The last epoch is reported (no checkpoint is chosen on test).
-
-| cell | fine-tuning seeds | test mIoU (mean ± std) | per seed | aAcc | wall-clock per run (s) |
-|---|---:|---:|---:|---:|---:|
-{chr(10).join(rows)}
-
-{chr(10).join(reading)}
-
-Per-class test IoU:
-
-| cell | seed | {' | '.join(classes)} |
-|---|---:|{'---:|' * len(classes)}
-{chr(10).join(class_rows)}
-
-![CamVid test: image | ground truth | prediction](docs/seg_predictions.png)
-
-```
-{commands}
-```
-""", by, sd
-
-
 def device_line(a):
     if a.device == 'cuda' or a.device == 'auto' and _cuda():
         return 'one CUDA GPU (bf16 autocast)'
@@ -272,12 +201,15 @@ def _cuda():
 
 def write(a, root):
     """Writes a.results (and docs/study_curves.png, docs/seg_predictions.png) from a.out_dir."""
-    units, seg = load(a.out_dir)
+    units = load(a.out_dir)
     seeds = seed_groups(units, study_plan.SEEDED)
     multi = {m: g for m, g in seeds.items() if len(g) > 1}
     sd_knn = pooled_std([[g['knn20'] for g in grp] for grp in multi.values()])
     sd_probe = pooled_std([[g['probe'] for g in grp] for grp in multi.values()])
-    seg_text, seg_by, sd_seg = seg_section(a, seg) if seg else ('', {}, float('nan'))
+    os.makedirs(os.path.join(root, 'docs'), exist_ok=True)
+    classes = [c.strip() for c in open(os.path.join(a.seg_data, 'classes.txt')) if c.strip()]
+    seg_text, seg_by, sd_seg, seg_label = study_transfer.section(a, 'seg', root, classes)
+    det_text = study_transfer.section(a, 'det', root)[0]
     main_rows = []
     for u in [*study_plan.METHODS, *study_plan.FLOORS, 'scratch']:
         s = units.get(u)
@@ -353,7 +285,7 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
     if multi:
         reading.append(f'- Seed noise (pooled over {", ".join(multi)}): k-NN std {sd_knn:.2f}, probe std '
                        f'{sd_probe:.2f} points. Differences under {NOISE:.0f} pooled std are inside the noise.')
-    reading += claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg)
+    reading += claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg, seg_label)
     singles = [u for u in study_plan.METHODS if u in units and u not in seeds or (u in seeds and len(seeds[u]) == 1)]
     if mae and singles and sd_knn == sd_knn:
         mk = mean_std([g['knn20'] for g in mae])[0]
@@ -363,12 +295,7 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
     if long:
         reading.append(f"- The one-hour MAE reaches {at['knn20']:.2f}% k-NN at {at['time_s'] / 60:.1f} minutes "
                        f"({'meets' if at['knn20'] >= 45 else 'does not meet'} the 45% target).")
-    os.makedirs(os.path.join(root, 'docs'), exist_ok=True)
     plot(units, seeds, os.path.join(root, 'docs', 'study_curves.png'))
-    fig = os.path.join(a.out_dir, 'seg', 'mae-seed0', 'predictions.png')
-    if os.path.exists(fig):
-        import shutil
-        shutil.copy(fig, os.path.join(root, 'docs', 'seg_predictions.png'))
     order = [u for u in study_plan.plan(a) if u in units]
     commands = '\n'.join(shown(c, units[u]) for u in order for c in units[u]['commands'])
     missing = [u for u in study_plan.plan(a) if not study_plan.is_done(a, u)]
@@ -422,6 +349,7 @@ probe at equal epochs are seed means; at equal time one run (seed 0).
 ![curves](docs/study_curves.png)
 
 {seg_text}
+{det_text}
 ## Commands
 
 ```

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import main_detection
@@ -122,7 +123,7 @@ def test_window_attention_equals_global_when_the_window_covers_the_grid():
     torch.manual_seed(0)
     x = torch.randn(2, 6, 6, 48)
     glob = models_det.Block(48, 3, window_size=0)
-    for ws, equal in ((6, True), (8, True), (4, False)):  # 8: the border padding is masked out of the keys
+    for ws, equal in ((6, True), (8, False), (4, False)):  # 8: the zero padding takes part (detectron2)
         blk = models_det.Block(48, 3, window_size=ws)
         blk.load_state_dict(glob.state_dict())
         with torch.no_grad():
@@ -130,6 +131,19 @@ def test_window_attention_equals_global_when_the_window_covers_the_grid():
     w, padded = models_det.window_partition(x, 4)
     assert w.shape == (8, 4, 4, 48) and padded == (8, 8)
     assert torch.equal(models_det.window_unpartition(w, 4, padded, (6, 6)), x)
+
+
+def test_border_windows_attend_to_their_zero_padding():
+    """detectron2's window attention: norm1, zero-pad to a multiple of the window, attention over each whole
+    window with no mask, crop. A window larger than the grid is then one attention over the padded map."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 6, 48)
+    blk = models_det.Block(48, 3, window_size=8).eval()
+    with torch.no_grad():
+        y = F.pad(blk.norm1(x), (0, 0, 0, 2, 0, 2))  # [2, 8, 8, 48]
+        ref = x + blk.attn(y)[:, :6, :6]
+        ref = ref + blk.mlp(blk.norm2(ref))
+        assert torch.allclose(blk(x), ref, atol=1e-5)
 
 
 def test_decomposed_relative_position_equals_a_direct_sum():

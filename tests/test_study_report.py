@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import study  # noqa: E402
 import study_plan  # noqa: E402
 import study_report  # noqa: E402
+import study_transfer  # noqa: E402
 
 KNN = {'mae': [40.0, 41.0, 42.0], 'colormae_green': [40.5, 41.5, 42.5], 'crossmae_kept025': [41.0, 42.0, 43.0],
        'cmae': [45.0, 46.0, 47.0]}  # each std 1.0: pooled std 1.0
@@ -26,20 +27,30 @@ def unit(out, name, kind, method, seed, knn20, epochs=7, epoch_time=10.0, **more
     (out / name / 'summary.json').write_text(json.dumps(s))
 
 
-def seg_unit(out, cell, seed, miou):
-    d = out / 'seg' / f'{cell}-seed{seed}'
+def seg_unit(out, cell, seed, miou, iters=360):
+    d = out / 'seg' / f'{cell}-seed{seed}-it{iters}'
     os.makedirs(d)
-    (d / 'summary.json').write_text(json.dumps({'cell': cell, 'seed': seed, 'miou': miou, 'aacc': 70.0,
-                                                'iou': [miou * 2, miou, 0.0], 'wall_s': 100.0, 'command': ['s.py']}))
+    (d / 'summary.json').write_text(json.dumps({'task': 'seg', 'cell': cell, 'seed': seed, 'iters': iters,
+                                                'miou': miou, 'aacc': 70.0, 'iou': [miou * 2, miou, 0.0],
+                                                'wall_s': 100.0, 'command': ['s.py']}))
+
+
+def det_unit(out, cell, seed, box, iters):
+    d = out / 'det' / f'{cell}-seed{seed}-it{iters}'
+    os.makedirs(d)
+    (d / 'summary.json').write_text(json.dumps({'task': 'det', 'cell': cell, 'seed': seed, 'iters': iters,
+                                                'box_ap': box, 'box_ap50': 2 * box, 'mask_ap': box / 2,
+                                                'mask_ap50': box, 'wall_s': 50.0, 'command': ['d.py']}))
 
 
 @pytest.fixture
 def results(tmp_path, request):
     out = tmp_path / 'runs'
-    seg = getattr(request, 'param', {})  # cell -> mIoU per fine-tuning seed
+    seg = getattr(request, 'param', {})  # cell -> mIoU per fine-tuning seed, or (iters, cell) -> ...
     for cell, values in seg.items():
+        iters, cell = cell if isinstance(cell, tuple) else (360, cell)
         for seed, v in enumerate(values):
-            seg_unit(out, cell, seed, v)
+            seg_unit(out, cell, seed, v, iters)
     (tmp_path / 'camvid').mkdir()
     (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\nRoad\nPole\n')
     for m, values in KNN.items():
@@ -82,10 +93,11 @@ def test_verdicts_follow_the_noise(results):
 def test_segmentation_section_and_a_mixed_crossmae_verdict(results):
     """CrossMAE no worse on k-NN/probe but worse on mIoU beyond the noise: the reading says both."""
     assert '| mae | 2 | 24.50 ± 0.71 | 25.00 / 24.00 |' in results
-    assert 'pooled std of the mIoU over seeds 0.71' in results
-    assert '- mae: 24.50 mIoU, vs random init +2.00 (+2.8 pooled std, outside the noise).' in results
+    assert 'pooled std over seeds: mIoU 0.71' in results
+    assert '- mae (2 seeds): 24.50 mIoU, vs random init +2.00 (+2.8 pooled std, outside the noise).' in results
     cross = next(line for line in results.splitlines() if line.startswith('- **crossmae_kept025**'))
-    assert 'CamVid mIoU -3.00 (-4.2 pooled std, outside the noise; std of fine-tuning seeds)' in cross
+    assert ('CamVid mIoU at 360 iterations (short budget) -3.00 (-4.2 pooled std, outside the noise; std of '
+            'fine-tuning seeds)') in cross
     assert 'agrees on k-NN, probe and does not on CamVid mIoU' in cross
     assert '| mae | 1 | 48.0 | 24.0 | 0.0 |' in results  # per-class table
 
@@ -107,9 +119,80 @@ def test_plan_units_parse():
     a = study.get_args([])
     units = study_plan.plan(a)
     assert units[:4] == study_plan.SEEDED and 'mae-long' in units and 'seg:random-seed1' in units
-    assert {study_plan.parse_unit(u)[0] for u in units} == {'method', 'floor', 'scratch', 'eqtime', 'seg', 'long'}
-    with pytest.raises(ValueError):
-        study_plan.parse_unit('mae-seedX')
+    assert len(set(units)) == len(units)
+    assert {study_plan.parse_unit(u)[0] for u in units} == {'method', 'floor', 'scratch', 'eqtime', 'seg', 'det',
+                                                             'long'}
+    assert {'seg900:random-seed0', 'seg1800:mae-long-seed0', 'segc:colormae_green-seed1', 'det:mae-seed0',
+            'det1280:random-seed1'} <= set(units)
+    assert units.index('seg1800:mae-seed0') < units.index('segc:random-seed0')  # the curve before its use
+    assert study_transfer.parse('det640:mae-long-seed2', study_plan.CELLS) == ('det', 640, 'mae-long', 2)
+    assert study_transfer.parse('segc:random-seed0', study_plan.CELLS) == ('seg', 'c', 'random', 0)
+    for bad in ('mae-seedX', 'seg:nope-seed0', 'segx:mae-seed0', 'det:mae-seed'):
+        with pytest.raises(ValueError):
+            study_plan.parse_unit(bad)
+    assert study_plan.unit_dir(a, 'segc:mae-seed0') is None  # no curve yet: no budget, not done
+    assert study_plan.unit_dir(a, 'seg:mae-seed1').endswith(os.path.join('seg', 'mae-seed1-it360'))
+
+
+@pytest.mark.parametrize('values, expect', [
+    ({360: [20.0, 21.0], 900: [28.0], 1800: [29.0]}, 900),   # +1.0 after 900 < 2 sd (sd 0.71): converged at 900
+    ({360: [20.0, 21.0], 900: [24.0], 1800: [29.0]}, 1800),  # still climbing: the longest, said NOT converged
+    ({360: [20.0, 21.0], 900: [20.0], 1800: [20.5]}, 360),
+    ({360: [20.0, 21.0], 900: [25.0], 1800: [20.0]}, 900),   # a later dip does not count as a gain
+])
+def test_converged_budget_from_the_curve(tmp_path, values, expect):
+    a = study.get_args(['--out_dir', str(tmp_path)])
+    for iters, vs in values.items():
+        for seed, v in enumerate(vs):
+            seg_unit(tmp_path, 'random', seed, v, iters)
+    iters, how = study_transfer.converged(a, 'seg')
+    assert iters == expect
+    assert ('NOT converged' in how) == (values[1800][0] - values[900][0] >= 2 * 0.5 ** 0.5 and expect == 1800)
+    assert study_plan.unit_dir(a, 'segc:cmae-seed1').endswith(f'cmae-seed1-it{expect}')
+
+
+def test_converged_budget_waits_for_curve_and_noise(tmp_path):
+    a = study.get_args(['--out_dir', str(tmp_path)])
+    seg_unit(tmp_path, 'random', 0, 20.0, 360)
+    seg_unit(tmp_path, 'random', 0, 25.0, 900)
+    assert study_transfer.converged(a, 'seg') == (None, 'random init not yet fine-tuned at 1800 iterations')
+    seg_unit(tmp_path, 'random', 0, 26.0, 1800)
+    assert study_transfer.converged(a, 'seg')[0] is None  # one seed everywhere: no noise yet
+    seg_unit(tmp_path, 'mae', 1, 26.0, 1800)
+    seg_unit(tmp_path, 'mae', 0, 24.0, 1800)  # sd from another cell's seeds: sqrt(2) -> 2 sd = 2.83
+    assert study_transfer.converged(a, 'seg')[0] == 900
+
+
+@pytest.mark.parametrize('results', [{'random': [20.0, 21.0], (900, 'random'): [28.0, 27.0], (1800, 'random'): [28.5],
+                                      'mae': [24.0, 25.0], (900, 'mae'): [29.0, 30.0], (1800, 'mae'): [30.0],
+                                      (900, 'cmae'): [31.0]}], indirect=True)
+def test_segmentation_at_the_converged_budget(results):
+    assert 'converged at 900 iterations' in results
+    assert '| random | 20.50 (2 seeds) | 27.50 (2 seeds) | 28.50 |' in results  # the curve table
+    assert '### 900 iterations (converged budget)' in results and '### 360 iterations (short budget)' in results
+    assert '- cmae (1 seed): 31.00 mIoU, vs random init +3.50 (+4.9 pooled std, outside the noise); vs MAE +1.50 ' \
+           '(+2.1 pooled std, outside the noise).' in results
+    cmae = next(line for line in results.splitlines() if line.startswith('- **cmae**'))
+    assert 'CamVid mIoU at 900 iterations (converged budget) +1.50' in cmae
+
+
+def test_detection_section(tmp_path):
+    out = tmp_path / 'runs'
+    for cell, box in (('random', (2.0, 3.0)), ('mae-long', (8.0, 9.0))):
+        for seed, v in enumerate(box):
+            det_unit(out, cell, seed, v, 1280)
+        det_unit(out, cell, 0, box[0] / 2, 256)
+    (tmp_path / 'camvid').mkdir()
+    (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\n')
+    a = study.get_args(['--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
+                        str(tmp_path / 'camvid')])
+    study_report.write(a, str(tmp_path))
+    text = (tmp_path / 'R.md').read_text()
+    assert '## Detection transfer: Mask R-CNN on Penn-Fudan' in text
+    assert '| mae-long | 2 | 8.50 ± 0.71 | 8.00 / 9.00 | 4.25 ± 0.35 | 4.00 / 4.50 |' in text
+    assert '- mae-long (2 seeds): 8.50 AP^box, vs random init +6.00 (+8.5 pooled std, outside the noise).' in text
+    assert 'random init not yet fine-tuned at 640 iterations' in text
+    assert (tmp_path / 'docs' / 'det_curve.png').exists()
 
 
 def test_device_flag_reaches_the_scripts(tmp_path, monkeypatch):
@@ -130,3 +213,43 @@ def test_long_cell_is_read_within_its_minutes():
     long = {'knn_curve': [{'time_s': t, 'knn20': v} for t, v in ((300, 40.0), (590, 44.0), (620, 46.0))]}
     assert study_report.long_point(a, long)['knn20'] == 44.0
     assert study_report.long_point(study.get_args(['--long_minutes', '4']), long)['knn20'] == 40.0
+
+
+@pytest.mark.parametrize('task', ['seg', 'det'])
+def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, monkeypatch, task):
+    """A transfer unit at the converged budget: the command gets that budget and the cell's checkpoint; a cell
+    whose summary is present but whose checkpoint is not (a new machine) is pretrained again first."""
+    a = study.get_args(['--out_dir', str(tmp_path), '--results', str(tmp_path / 'R.md')])
+    for iters, v in ((360, 20.0), (900, 25.0), (1800, 25.5)) if task == 'seg' else ((256, 2.0), (640, 5.0),
+                                                                                       (1280, 5.1)):
+        write_run = seg_unit if task == 'seg' else det_unit
+        write_run(tmp_path, 'random', 0, v, iters)
+        write_run(tmp_path, 'random', 1, v + 0.5, iters)
+    unit(tmp_path / 'gone', 'mae', 'method', 'mae', 0, 40.0)  # its summary, the checkpoint-6.pth it names is not on disk
+    os.rename(tmp_path / 'gone' / 'mae', tmp_path / 'mae')
+    commands, remade = [], []
+
+    def run(cmd, log):
+        commands.append(cmd)
+        out = cmd[cmd.index('--output_dir') + 1]
+        last = ({'test_miou': 30.0, 'test_aacc': 80.0, 'test_macc': 40.0, 'test_iou': [1.0]} if task == 'seg' else
+                {'test_bbox_AP': 7.0, 'test_bbox_AP50': 20.0, 'test_bbox_stats': [7.0] * 12, 'test_segm_AP': 6.0,
+                 'test_segm_AP50': 18.0, 'test_segm_stats': [6.0] * 12})
+        (tmp_path / out / 'log.txt').write_text(json.dumps({'epoch': 0, **last}) + '\n')
+        return 12.0
+
+    def run_unit(a, unit):
+        remade.append(unit)
+        os.makedirs(tmp_path / unit)
+        return {'epochs': 7}
+    monkeypatch.setattr(study, 'run', run)
+    monkeypatch.setattr(study, 'run_unit', run_unit)
+    s = study.transfer(a, task, 'c', 'mae', 1)
+    conv = 900 if task == 'seg' else 640
+    assert remade == ['mae'] and s['iters'] == conv and s['seed'] == 1
+    cmd = commands[0]
+    assert cmd[cmd.index('--max_iters') + 1] == str(conv) and cmd[cmd.index('--seed') + 1] == '1'
+    assert cmd[cmd.index('--finetune') + 1] == os.path.join(str(tmp_path), 'mae', 'checkpoint-6.pth')
+    assert s == json.load(open(tmp_path / task / f'mae-seed1-it{conv}' / 'summary.json'))
+    assert (s['miou'], s['iou']) == (30.0, [1.0]) if task == 'seg' else (s['box_ap'], s['mask_ap50']) == (7.0, 18.0)
+    assert study_plan.is_done(a, f'{task}c:mae-seed1') and not study_plan.is_done(a, f'{task}c:mae-seed0')

@@ -1,0 +1,269 @@
+"""The study's dense-transfer units: UperNet on CamVid (`seg`) and Mask R-CNN on Penn-Fudan (`det`) fine-tuned
+from a cell's final checkpoint, at several fine-tuning budgets; the converged budget computed from the curve;
+the RESULTS.md sections. Standalone (no study import) so that study_plan, study.py and the report share it.
+
+Units: `<task>:<cell>-seed<k>` at the task's short budget (--seg_iters, --det_iters), `<task><N>:<cell>-seed<k>` at
+N iterations, `<task>c:<cell>-seed<k>` at the converged budget. Each runs in out_dir/<task>/<cell>-seed<k>-it<N>.
+
+The converged budget of a task is the shortest budget of its curve from which random init gains less than 2
+pooled std of the fine-tuning seeds (NOISE) to every longer budget of the curve: there, more fine-tuning no
+longer changes the baseline beyond what a second seed would.
+"""
+import glob
+import json
+import os
+import statistics
+
+NOISE = 2.0  # |difference| / pooled std at which a difference is called outside the noise (as study_report)
+TASKS = {  # task: the metrics of its summaries (the first is the headline, the budget's), their names
+    'seg': {'metrics': ['miou', 'aacc'], 'names': {'miou': 'mIoU', 'aacc': 'aAcc'}, 'data': 'CamVid', 'read': 1},
+    'det': {'metrics': ['box_ap', 'mask_ap', 'box_ap50', 'mask_ap50'],
+            'names': {'box_ap': 'AP^box', 'mask_ap': 'AP^mask', 'box_ap50': 'AP50^box', 'mask_ap50': 'AP50^mask'},
+            'data': 'Penn-Fudan', 'read': 2},  # read: how many metrics the reading compares
+}
+CURVE_CELLS = ['random', 'mae-long', 'mae']  # the cells fine-tuned at every budget of a curve (seed 0)
+ORDER = ['mae', 'colormae_green', 'colormae_red', 'colormae_blue', 'colormae_purple', 'crossmae_kept075',
+         'crossmae_kept025', 'cmae', 'mae-long', 'random']
+
+
+def parse(unit, cells):
+    """'seg900:random-seed1' -> ('seg', 900, 'random', 1); budget None = the short one, 'c' = converged;
+    None if the unit is not a transfer unit of a known cell."""
+    head, sep, rest = unit.partition(':')
+    task = next((t for t in TASKS if head.startswith(t)), None)
+    if not sep or task is None:
+        return None
+    budget = head[len(task):]
+    cell, _, seed = rest.rpartition('-seed')
+    if cell not in cells or not seed.isdigit() or not (budget in ('', 'c') or budget.isdigit()):
+        return None
+    return task, None if budget == '' else budget if budget == 'c' else int(budget), cell, int(seed)
+
+
+def curve(a, task):
+    """The task's budgets (iterations), shortest first."""
+    return sorted(int(i) for i in getattr(a, f'{task}_curve').split(','))
+
+
+def short(a, task):
+    return getattr(a, f'{task}_iters')
+
+
+def run_dir(a, task, cell, seed, iters):
+    return os.path.join(a.out_dir, task, f'{cell}-seed{seed}-it{iters}')
+
+
+def load(a, task):
+    """Every finished run of the task: list of summaries (cell, seed, iters, the metrics, ...)."""
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out_dir, task, '*', 'summary.json')))]
+
+
+def group(runs, iters):
+    """cell -> its runs at `iters`, by seed."""
+    by = {}
+    for r in sorted(runs, key=lambda r: r['seed']):
+        if r['iters'] == iters:
+            by.setdefault(r['cell'], []).append(r)
+    return {c: by[c] for c in ORDER if c in by}
+
+
+def mean(runs, key):
+    return statistics.mean(r[key] for r in runs)
+
+
+def pooled_std(runs, key):
+    """sqrt(mean sample variance) over every (cell, budget) with 2 or more fine-tuning seeds; nan if none."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r['cell'], r['iters']), []).append(r[key])
+    var = [statistics.variance(g) for g in groups.values() if len(g) > 1]
+    return (sum(var) / len(var)) ** 0.5 if var else float('nan')
+
+
+def converged(a, task, runs=None):
+    """-> (iterations or None, a sentence saying how they were chosen). None while random init's curve or the
+    noise estimate is missing."""
+    runs = load(a, task) if runs is None else runs
+    key, budgets = TASKS[task]['metrics'][0], curve(a, task)
+    rand = {i: [r[key] for r in runs if r['cell'] == 'random' and r['iters'] == i] for i in budgets}
+    missing = [i for i in budgets if not rand[i]]
+    sd = pooled_std(runs, key)
+    if missing:
+        return None, f'random init not yet fine-tuned at {", ".join(map(str, missing))} iterations'
+    if sd != sd:
+        return None, 'no budget has two fine-tuning seeds yet: no noise to compare the gains with'
+    m = {i: statistics.mean(v) for i, v in rand.items()}
+    name = TASKS[task]['names'][key]
+    steps = ', '.join(f'{i}: {m[i]:.2f}' for i in budgets)
+    for n, i in enumerate(budgets[:-1]):
+        gain = max(m[j] for j in budgets[n + 1:]) - m[i]
+        if gain < NOISE * sd:
+            return i, (f'random init {name} by iterations ({steps}); from {i} iterations on it gains at most '
+                       f'{gain:+.2f} to a longer budget, under {NOISE:.0f} pooled std ({NOISE * sd:.2f}): '
+                       f'converged at {i} iterations')
+    return budgets[-1], (f'random init {name} by iterations ({steps}) still gains beyond {NOISE:.0f} pooled std '
+                         f'({NOISE * sd:.2f}) at every step: the longest budget, {budgets[-1]}, is used and random '
+                         f'init is NOT converged there')
+
+
+def resolve(a, task, budget):
+    """A unit's budget -> iterations (None: the converged budget is not known yet)."""
+    if budget is None:
+        return short(a, task)
+    return converged(a, task)[0] if budget == 'c' else budget
+
+
+def in_noise(d, sd):
+    if sd != sd or sd == 0:
+        return 'no seed noise measured'
+    return f'{d / sd:+.1f} pooled std, ' + ('outside the noise' if abs(d) >= NOISE * sd else 'inside the noise')
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float('nan')
+
+
+def table(by, metrics, names):
+    head = '| cell | seeds | ' + ' | '.join(f'{names[k]} (mean ± std) | per seed' for k in metrics[:2])
+    head += ''.join(f' | {names[k]}' for k in metrics[2:]) + ' | wall-clock per run (s) |'
+    rows = [head, '|---|---:|' + '---:|' * (2 * len(metrics[:2]) + len(metrics[2:]) + 1)]
+    for c, runs in by.items():
+        cols = []
+        for k in metrics[:2]:
+            m, s = mean_std([r[k] for r in runs])
+            cols += [f'{m:.2f} ± {s:.2f}', ' / '.join(f'{r[k]:.2f}' for r in runs)]
+        cols += [f'{mean(runs, k):.2f}' for k in metrics[2:]]
+        rows.append(f'| {c} | {len(runs)} | ' + ' | '.join(cols) + f" | {mean(runs, 'wall_s'):.0f} |")
+    return '\n'.join(rows)
+
+
+def comparisons(by, key, sd, name):
+    """Reading lines: every cell vs random init and vs MAE at one budget."""
+    lines = []
+    base = mean(by['random'], key) if 'random' in by else None
+    mae = mean(by['mae'], key) if 'mae' in by else None
+    for c, runs in by.items():
+        m, parts = mean(runs, key), []
+        if base is not None and c != 'random':
+            parts.append(f'vs random init {m - base:+.2f} ({in_noise(m - base, sd)})')
+        if mae is not None and c not in ('mae', 'random'):
+            parts.append(f'vs MAE {m - mae:+.2f} ({in_noise(m - mae, sd)})')
+        if parts:
+            lines.append(f'- {c} ({len(runs)} seed{"s" * (len(runs) > 1)}): {m:.2f} {name}, ' + '; '.join(parts) + '.')
+    return lines
+
+
+def curve_table(a, task, runs, key):
+    budgets = curve(a, task)
+    cells = [c for c in ORDER if any(r['cell'] == c and r['iters'] in budgets for r in runs)]
+    rows = [f'| cell | ' + ' | '.join(f'{i} it.' for i in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
+    for c in cells:
+        vals = [[r[key] for r in runs if r['cell'] == c and r['iters'] == i] for i in budgets]
+        rows.append(f'| {c} | ' + ' | '.join(f'{statistics.mean(v):.2f}' + (f' ({len(v)} seeds)' if len(v) > 1 else '')
+                                             if v else '–' for v in vals) + ' |')
+    return '\n'.join(rows), cells
+
+
+def plot_curve(a, task, runs, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    metrics = TASKS[task]['metrics'][:2]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    budgets = curve(a, task)
+    for ax, key in zip(axes[0], metrics):
+        for c in ORDER:
+            pts = [(i, [r[key] for r in runs if r['cell'] == c and r['iters'] == i]) for i in budgets]
+            pts = [(i, v) for i, v in pts if v]
+            if pts:
+                ax.plot([i for i, _ in pts], [statistics.mean(v) for _, v in pts], 'o-', label=c, ms=4)
+                for i, v in pts:
+                    ax.plot([i] * len(v), v, '.', color=ax.lines[-1].get_color(), alpha=0.4)
+        ax.set(xlabel='fine-tuning iterations', ylabel=TASKS[task]['names'][key], xscale='log',
+               title=f"{TASKS[task]['data']} {TASKS[task]['names'][key]} vs fine-tuning budget")
+        ax.set_xticks(budgets, [str(i) for i in budgets])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def shown(run):
+    """A run's command as RESULTS.md prints it: paths relative to the checkout the study ran in."""
+    line = ' '.join(['python', *run['command']])
+    return line.replace(run['root'] + '/', '') if run.get('root') else line
+
+
+def recipe(a, task):
+    if task == 'seg':
+        return (f"UperNet (`main_segmentation.py`) on `vit_{a.model}`, fine-tuned on the 367 CamVid training frames "
+                f"and scored on all 233 test frames (11 classes, void ignored), from a cell's final pretraining "
+                f"checkpoint (seed 0), from the one-hour MAE (`mae-long`) or from random init: frames rescaled to a "
+                f"{a.seg_size} px short side (ratio 0.5–2.0), {a.seg_size} px crops, batch 8 (45 iterations per "
+                f"epoch), AdamW lr {a.seg_lr} (40 warmup iterations, poly decay to the budget's end), layer decay "
+                f"0.65, weight decay 0.05, UperNet 64 channels, auxiliary FCN head (weight 0.4); whole-image "
+                f"evaluation at the {a.seg_size} px short side, predictions resized to the 360×480 labels. The last "
+                f"iteration is scored (no checkpoint is chosen on test).")
+    return (f"Mask R-CNN (`main_detection.py`: ViTDet backbone, simple feature pyramid {a.det_fpn} channels, "
+            f"torchvision's RPN / RoI heads, box head fc {a.det_fc}) on `vit_{a.model}`, fine-tuned on the 130 "
+            f"Penn-Fudan training photos and scored by pycocotools on all 40 val photos (box and mask AP, "
+            f"in %), from a cell's final pretraining checkpoint (seed 0), from `mae-long` or from random init: "
+            f"{a.det_size} px, large-scale jitter 0.5–2.0, batch 4 (32 iterations per epoch), AdamW lr "
+            f"{a.det_lr} (20 warmup iterations, ×0.1 at 24/27 and 26/27 of the budget), layer decay 0.75, weight "
+            f"decay 0.05, drop path 0.1. The last iteration is scored.")
+
+
+def section(a, task, root, classes=None):
+    """-> (markdown of the task's section, the runs at the budget the claims are read at, their pooled std,
+    that budget's label) or ('', {}, nan, '') when the task has no finished run."""
+    runs = load(a, task)
+    if not runs:
+        return '', {}, float('nan'), ''
+    spec, name = TASKS[task], TASKS[task]['names'][TASKS[task]['metrics'][0]]
+    key, budgets = spec['metrics'][0], curve(a, task)
+    sd = pooled_std(runs, key)
+    conv, how = converged(a, task, runs)
+    noise = ['- Fine-tuning noise, pooled std over seeds: '
+             + ', '.join(f"{spec['names'][k]} {pooled_std(runs, k):.2f}" for k in spec['metrics'])
+             + ' (every cell and budget with 2 or more seeds; 2 seeds each give a rough estimate). Every cell '
+             'fine-tunes from one pretraining run (seed 0), so pretraining noise is not in this std.']
+    parts = [f"## {'Segmentation transfer: UperNet on CamVid' if task == 'seg' else 'Detection transfer: Mask R-CNN on Penn-Fudan'}",
+             recipe(a, task)]
+    path = os.path.join(root, 'docs', f'{task}_curve.png')
+    plot_curve(a, task, runs, path)
+    curve_md, cells = curve_table(a, task, runs, key)
+    parts += [f'### {name} by fine-tuning budget (seed 0 unless noted)', curve_md,
+              f'![{task} curve](docs/{task}_curve.png)', f'Budget: {how}.']
+    shown_budgets = [short(a, task)] + [b for b in (conv, budgets[-1]) if b is not None and b != short(a, task)]
+    claims_at = conv if conv is not None else short(a, task)
+    label = f'{claims_at} iterations' + (' (converged budget)' if conv is not None else ' (short budget)')
+    for i in dict.fromkeys(shown_budgets):
+        by = group(runs, i)
+        if not by:
+            continue
+        tag = ', '.join(t for t, b in (('short budget', short(a, task)), ('converged budget', conv),
+                                        ('longest budget of the curve', budgets[-1])) if b == i)
+        parts += [f'### {i} iterations ({tag})', table(by, spec['metrics'], spec['names']),
+                  '\n'.join(line for k in spec['metrics'][:spec['read']]
+                            for line in comparisons(by, k, pooled_std(runs, k), spec['names'][k]))]
+        if classes and 'iou' in next(iter(by.values()))[0]:
+            rows = [f"| {c} | {r['seed']} | " + ' | '.join(f'{v:.1f}' for v in r['iou']) + ' |'
+                    for c, rs in by.items() for r in rs]
+            parts += [f'Per-class test IoU at {i} iterations:', f"| cell | seed | {' | '.join(classes)} |\n"
+                      f"|---|---:|{'---:|' * len(classes)}\n" + '\n'.join(rows)]
+            if 'mae' in by and 'random' in by:
+                d = [(n, statistics.mean(r['iou'][j] for r in by['mae']) - statistics.mean(r['iou'][j] for r in
+                                                                                           by['random']))
+                     for j, n in enumerate(classes)]
+                big = sorted((x for x in d if abs(x[1]) >= 1), key=lambda x: -abs(x[1]))
+                parts.append('Per class, MAE − random (mean IoU): ' + (', '.join(f'{n} {v:+.1f}' for n, v in big)
+                                                                       or 'no class differs by 1 IoU or more') + '.')
+    parts += ['\n'.join(noise)]
+    figure = os.path.join(run_dir(a, task, 'mae-long', 0, claims_at), 'predictions.png')
+    if os.path.exists(figure):
+        import shutil
+        shutil.copy(figure, os.path.join(root, 'docs', f'{task}_study_predictions.png'))
+        parts.append(f'![{task}: mae-long at {claims_at} iterations, val/test images](docs/{task}_study_predictions.png)')
+    ordered = sorted(runs, key=lambda r: (r['iters'], ORDER.index(r['cell']), r['seed']))
+    parts.append('```\n' + '\n'.join(shown(r) for r in ordered) + '\n```')
+    return '\n\n'.join(parts) + '\n', group(runs, claims_at), sd, label
