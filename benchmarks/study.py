@@ -1,9 +1,10 @@
 """Small-scale study on Imagenette at 64 px with one small ViT: every method at an equal pretraining budget, then
 k-NN (k = 20, 200), a quick linear probe on frozen features and a short fine-tune, against the untrained encoder,
-raw pixels and training from scratch; seeds, equal wall-clock, a long MAE run and CamVid segmentation transfer.
-Writes RESULTS.md (benchmarks/study_report.py) with the tables, a computed reading, plots and the commands.
+raw pixels and training from scratch; seeds, equal wall-clock, a long MAE run, and dense transfer: UperNet on
+CamVid and Mask R-CNN on Penn-Fudan at several fine-tuning budgets. Writes RESULTS.md (benchmarks/study_report.py
+and study_transfer.py) with the tables, a computed reading, plots and the commands.
 
-    python benchmarks/study.py                          # the whole plan, in order (about 5.5 hours on 2 cores)
+    python benchmarks/study.py                          # the whole plan, in order (many hours on 2 cores)
     python benchmarks/study.py --cells mae,mae-seed1    # some units; the results of the others are kept
     python benchmarks/study.py --report                 # only rewrite RESULTS.md from what has run
     python benchmarks/study.py --device cuda --epochs 50 --out_dir study_gpu --results RESULTS_gpu.md
@@ -14,8 +15,13 @@ Units (each in --out_dir/<unit>, done when its summary.json exists; --force reru
   for its epochs, epochs set from the measured epoch times (the MAE and method cells run first);
   `mae-long`: MAE-random for at most --long_minutes of pretraining, k-NN every --long_knn_every epochs;
 - the floors `untrained`, `pixels16`, `pixels32` (k-NN/probe) and `scratch` (fine-tune from random init);
-- `seg:<method, mae-long or random>-seed<k>`: UperNet fine-tuned on CamVid from that unit's final checkpoint.
-An interrupted unit keeps its finished pretraining (pretrain_wall_s.txt) and k-NN table.
+- transfer from a cell's final checkpoint, a method, `mae-long` or `random` (no pretraining), in
+  --out_dir/<seg|det>/<cell>-seed<k>-it<iterations>: `seg:<cell>-seed<k>` UperNet on CamVid for --seg_iters,
+  `seg<N>:...` for N iterations, `segc:...` at the converged budget (study_transfer.converged: computed from random
+  init's curve over --seg_curve); `det:`, `det<N>:`, `detc:` the same for Mask R-CNN on Penn-Fudan.
+An interrupted unit keeps its finished pretraining (pretrain_wall_s.txt) and k-NN table. Only the summary.json
+files are tracked in git: on a new machine RESULTS.md is written from them, and a transfer unit whose cell's
+checkpoint is missing pretrains that cell again first.
 """
 import argparse
 import glob

@@ -299,6 +299,9 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
     order = [u for u in study_plan.plan(a) if u in units]
     commands = '\n'.join(shown(c, units[u]) for u in order for c in units[u]['commands'])
     missing = [u for u in study_plan.plan(a) if not study_plan.is_done(a, u)]
+    earlier = sorted(glob.glob(os.path.join(root, 'docs', 'RESULTS_*.md')))  # runs whose summaries were not kept
+    earlier = ('Earlier runs, whose unit summaries were not kept: ' + ', '.join(
+        f'[{os.path.basename(p)}](docs/{os.path.basename(p)})' for p in earlier) + '.\n\n') if earlier else ''
     text = f"""# Results: a small-scale study on Imagenette at {a.input_size} px
 
 Every number here was measured by `python benchmarks/study.py` and written by it (`benchmarks/study_report.py`)
@@ -311,7 +314,7 @@ compared with training the same ViT from scratch for the same epochs. Floors: `u
 initialised) and `pixels16` / `pixels32` (the evaluation images average-pooled to 16 or 32 px, flattened,
 mean-centred). Wall-clock times are from a shared machine: compare them loosely.
 
-{'Units not run yet: ' + ', '.join(missing) + '.' if missing else 'Every unit of the plan was run.'}
+{earlier}{'Units not run yet: ' + ', '.join(missing) + '.' if missing else 'Every unit of the plan was run.'}
 
 ## Every method at equal epochs (pretraining seed 0)
 

@@ -226,7 +226,9 @@ def section(a, task, root, classes=None):
     noise = ['- Fine-tuning noise, pooled std over seeds: '
              + ', '.join(f"{spec['names'][k]} {pooled_std(runs, k):.2f}" for k in spec['metrics'])
              + ' (every cell and budget with 2 or more seeds; 2 seeds each give a rough estimate). Every cell '
-             'fine-tunes from one pretraining run (seed 0), so pretraining noise is not in this std.']
+             'fine-tunes from one pretraining run (seed 0), so pretraining noise is not in this std.'
+             if sd == sd else '- Fine-tuning noise: not measured yet (no cell has two fine-tuning seeds at any '
+             'budget), so no difference here is called inside or outside the noise.']
     parts = [f"## {'Segmentation transfer: UperNet on CamVid' if task == 'seg' else 'Detection transfer: Mask R-CNN on Penn-Fudan'}",
              recipe(a, task)]
     path = os.path.join(root, 'docs', f'{task}_curve.png')
@@ -245,7 +247,8 @@ def section(a, task, root, classes=None):
                                         ('longest budget of the curve', budgets[-1])) if b == i)
         parts += [f'### {i} iterations ({tag})', table(by, spec['metrics'], spec['names']),
                   '\n'.join(line for k in spec['metrics'][:spec['read']]
-                            for line in comparisons(by, k, pooled_std(runs, k), spec['names'][k]))]
+                            for line in comparisons(by, k, pooled_std(runs, k), spec['names'][k]))
+                  or '- No random init or MAE run at this budget to compare with yet.']
         if classes and 'iou' in next(iter(by.values()))[0]:
             rows = [f"| {c} | {r['seed']} | " + ' | '.join(f'{v:.1f}' for v in r['iou']) + ' |'
                     for c, rs in by.items() for r in rs]
@@ -263,7 +266,8 @@ def section(a, task, root, classes=None):
     if os.path.exists(figure):
         import shutil
         shutil.copy(figure, os.path.join(root, 'docs', f'{task}_study_predictions.png'))
-        parts.append(f'![{task}: mae-long at {claims_at} iterations, val/test images](docs/{task}_study_predictions.png)')
+        split = 'CamVid test' if task == 'seg' else 'Penn-Fudan val'
+        parts.append(f'![{split}, mae-long at {claims_at} iterations](docs/{task}_study_predictions.png)')
     ordered = sorted(runs, key=lambda r: (r['iters'], ORDER.index(r['cell']), r['seed']))
     parts.append('```\n' + '\n'.join(shown(r) for r in ordered) + '\n```')
     return '\n\n'.join(parts) + '\n', group(runs, claims_at), sd, label
