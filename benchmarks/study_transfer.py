@@ -81,17 +81,18 @@ def pooled_std(runs, key):
 
 
 def converged(a, task, runs=None):
-    """-> (iterations or None, a sentence saying how they were chosen). None while random init's curve or the
-    noise estimate is missing."""
+    """-> (iterations or None, a sentence saying how they were chosen, whether random init converged there).
+    None while random init's curve or the noise estimate is missing; the longest budget (and False) when random
+    init still gains beyond the noise at its end: the curve needs a longer budget."""
     runs = load(a, task) if runs is None else runs
     key, budgets = TASKS[task]['metrics'][0], curve(a, task)
     rand = {i: [r[key] for r in runs if r['cell'] == 'random' and r['iters'] == i] for i in budgets}
     missing = [i for i in budgets if not rand[i]]
     sd = pooled_std(runs, key)
     if missing:
-        return None, f'random init not yet fine-tuned at {", ".join(map(str, missing))} iterations'
+        return None, f'random init not yet fine-tuned at {", ".join(map(str, missing))} iterations', False
     if sd != sd:
-        return None, 'no budget has two fine-tuning seeds yet: no noise to compare the gains with'
+        return None, 'no budget has two fine-tuning seeds yet: no noise to compare the gains with', False
     m = {i: statistics.mean(v) for i, v in rand.items()}
     name = TASKS[task]['names'][key]
     steps = ', '.join(f'{i}: {m[i]:.2f}' for i in budgets)
@@ -100,10 +101,10 @@ def converged(a, task, runs=None):
         if gain < NOISE * sd:
             return i, (f'random init {name} by iterations ({steps}); from {i} iterations on it gains at most '
                        f'{gain:+.2f} to a longer budget, under {NOISE:.0f} pooled std ({NOISE * sd:.2f}): '
-                       f'converged at {i} iterations')
+                       f'converged at {i} iterations'), True
     return budgets[-1], (f'random init {name} by iterations ({steps}) still gains beyond {NOISE:.0f} pooled std '
                          f'({NOISE * sd:.2f}) at every step: the longest budget, {budgets[-1]}, is used and random '
-                         f'init is NOT converged there')
+                         f'init is NOT converged there'), False
 
 
 def resolve(a, task, budget):
@@ -222,15 +223,17 @@ def section(a, task, root, classes=None):
     spec, name = TASKS[task], TASKS[task]['names'][TASKS[task]['metrics'][0]]
     key, budgets = spec['metrics'][0], curve(a, task)
     sd = pooled_std(runs, key)
-    conv, how = converged(a, task, runs)
+    conv, how, settled = converged(a, task, runs)
+    conv_tag = 'converged budget' if settled else "the claims' budget: random init NOT converged"
     noise = ['- Fine-tuning noise, pooled std over seeds: '
              + ', '.join(f"{spec['names'][k]} {pooled_std(runs, k):.2f}" for k in spec['metrics'])
              + ' (every cell and budget with 2 or more seeds; 2 seeds each give a rough estimate). Every cell '
              'fine-tunes from one pretraining run (seed 0), so pretraining noise is not in this std.'
              if sd == sd else '- Fine-tuning noise: not measured yet (no cell has two fine-tuning seeds at any '
              'budget), so no difference here is called inside or outside the noise.']
-    parts = [f"## {'Segmentation transfer: UperNet on CamVid' if task == 'seg' else 'Detection transfer: Mask R-CNN on Penn-Fudan'}",
-             recipe(a, task)]
+    title = ('Segmentation transfer: UperNet on CamVid' if task == 'seg' else
+             'Detection transfer: Mask R-CNN on Penn-Fudan')
+    parts = [f'## {title}', recipe(a, task)]
     path = os.path.join(root, 'docs', f'{task}_curve.png')
     plot_curve(a, task, runs, path)
     curve_md, cells = curve_table(a, task, runs, key)
@@ -238,12 +241,12 @@ def section(a, task, root, classes=None):
               f'![{task} curve](docs/{task}_curve.png)', f'Budget: {how}.']
     shown_budgets = [short(a, task)] + [b for b in (conv, budgets[-1]) if b is not None and b != short(a, task)]
     claims_at = conv if conv is not None else short(a, task)
-    label = f'{claims_at} iterations' + (' (converged budget)' if conv is not None else ' (short budget)')
+    label = f'{claims_at} iterations' + (f' ({conv_tag})' if conv is not None else ' (short budget)')
     for i in dict.fromkeys(shown_budgets):
         by = group(runs, i)
         if not by:
             continue
-        tag = ', '.join(t for t, b in (('short budget', short(a, task)), ('converged budget', conv),
+        tag = ', '.join(t for t, b in (('short budget', short(a, task)), (conv_tag, conv),
                                         ('longest budget of the curve', budgets[-1])) if b == i)
         parts += [f'### {i} iterations ({tag})', table(by, spec['metrics'], spec['names']),
                   '\n'.join(line for k in spec['metrics'][:spec['read']]

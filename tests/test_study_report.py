@@ -115,8 +115,8 @@ def test_pooled_std_and_noise_words():
     assert study_report.verdict(1.9, 1.0).startswith('not resolved')
 
 
-def test_plan_units_parse():
-    a = study.get_args([])
+def test_plan_units_parse(tmp_path):
+    a = study.get_args(['--out_dir', str(tmp_path)])  # no runs (not the checkout's study_runs/)
     units = study_plan.plan(a)
     assert units[:4] == study_plan.SEEDED and 'mae-long' in units and 'seg:random-seed1' in units
     assert len(set(units)) == len(units)
@@ -145,9 +145,10 @@ def test_converged_budget_from_the_curve(tmp_path, values, expect):
     for iters, vs in values.items():
         for seed, v in enumerate(vs):
             seg_unit(tmp_path, 'random', seed, v, iters)
-    iters, how = study_transfer.converged(a, 'seg')
+    iters, how, settled = study_transfer.converged(a, 'seg')
     assert iters == expect
-    assert ('NOT converged' in how) == (values[1800][0] - values[900][0] >= 2 * 0.5 ** 0.5 and expect == 1800)
+    still_gaining = expect == 1800 and values[1800][0] - values[900][0] >= 2 * 0.5 ** 0.5
+    assert settled == ('NOT converged' not in how) == (not still_gaining)
     assert study_plan.unit_dir(a, 'segc:cmae-seed1').endswith(f'cmae-seed1-it{expect}')
 
 
@@ -155,7 +156,7 @@ def test_converged_budget_waits_for_curve_and_noise(tmp_path):
     a = study.get_args(['--out_dir', str(tmp_path)])
     seg_unit(tmp_path, 'random', 0, 20.0, 360)
     seg_unit(tmp_path, 'random', 0, 25.0, 900)
-    assert study_transfer.converged(a, 'seg') == (None, 'random init not yet fine-tuned at 1800 iterations')
+    assert study_transfer.converged(a, 'seg') == (None, 'random init not yet fine-tuned at 1800 iterations', False)
     seg_unit(tmp_path, 'random', 0, 26.0, 1800)
     assert study_transfer.converged(a, 'seg')[0] is None  # one seed everywhere: no noise yet
     seg_unit(tmp_path, 'mae', 1, 26.0, 1800)
@@ -225,7 +226,7 @@ def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, 
         write_run = seg_unit if task == 'seg' else det_unit
         write_run(tmp_path, 'random', 0, v, iters)
         write_run(tmp_path, 'random', 1, v + 0.5, iters)
-    unit(tmp_path / 'gone', 'mae', 'method', 'mae', 0, 40.0)  # its summary, the checkpoint-6.pth it names is not on disk
+    unit(tmp_path / 'gone', 'mae', 'method', 'mae', 0, 40.0)  # its summary; the checkpoint-6.pth it names: absent
     os.rename(tmp_path / 'gone' / 'mae', tmp_path / 'mae')
     commands, remade = [], []
 
