@@ -12,8 +12,8 @@ import statistics
 
 import study_plan  # the units and the methods (benchmarks/ is on sys.path: study.py and the tests put it there)
 import study_transfer
+from study_transfer import NOISE, in_noise, mean_std  # one noise rule for every section
 
-NOISE = 2.0  # |difference| / pooled std at which a difference is called outside the noise
 CLAIMS = {  # method: what its paper claims, in the terms this study can check
     'colormae_green': 'green-noise masks give better representations than random masking (ColorMAE: +2.72 mIoU '
                       'on ADE20K, better linear probe and fine-tuning)',
@@ -28,11 +28,6 @@ COLORS = {'mae': 'black', 'colormae_green': 'tab:green', 'colormae_red': 'tab:re
 FLOOR_STYLE = {'untrained': '--', 'pixels16': ':', 'pixels32': '-.'}
 
 
-def mean_std(values):
-    m = sum(values) / len(values)
-    return m, statistics.stdev(values) if len(values) > 1 else float('nan')
-
-
 def per(values):
     return ' / '.join(f'{v:.2f}' for v in values)
 
@@ -41,12 +36,6 @@ def pooled_std(groups):
     """groups: lists of repeated measurements -> sqrt(mean sample variance) over the groups with >= 2 values."""
     var = [statistics.variance(g) for g in groups if len(g) > 1]
     return (sum(var) / len(var)) ** 0.5 if var else float('nan')
-
-
-def in_noise(d, sd):
-    if sd != sd or sd == 0:
-        return 'no seed noise measured'
-    return f'{d / sd:+.1f} pooled std, ' + ('outside the noise' if abs(d) >= NOISE * sd else 'inside the noise')
 
 
 def verdict(d, sd):

@@ -14,7 +14,7 @@ import json
 import os
 import statistics
 
-NOISE = 2.0  # |difference| / pooled std at which a difference is called outside the noise (as study_report)
+NOISE = 2.0  # |difference| / pooled std at which a difference is called outside the noise (every section)
 TASKS = {  # task: the metrics of its summaries (the first is the headline, the budget's), their names
     'seg': {'metrics': ['miou', 'aacc'], 'names': {'miou': 'mIoU', 'aacc': 'aAcc'}, 'data': 'CamVid', 'read': 1},
     'det': {'metrics': ['box_ap', 'mask_ap', 'box_ap50', 'mask_ap50'],
