@@ -62,7 +62,7 @@ def get_args(argv=None):
     p.add_argument('--seg_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'camvid'))
     p.add_argument('--seg_size', default=96, type=int, help='crop = short side of the rescaled CamVid frames')
     p.add_argument('--seg_iters', default=360, type=int, help='the short budget (8 epochs of 45 iterations)')
-    p.add_argument('--seg_curve', default='360,900,1800', help='budgets (iterations) of the curve: random init, '
+    p.add_argument('--seg_curve', default='360,900,1800,3600', help='budgets (iterations) of the curve: random init, '
                    'mae-long and mae at each; the claim cells run at the converged one (study_transfer.converged)')
     p.add_argument('--seg_lr', default='1e-3', help='AdamW lr (absolute) of the segmentation fine-tunes')
     # --- detection transfer: Mask R-CNN fine-tuned on Penn-Fudan
@@ -219,16 +219,36 @@ def run_unit(a, unit):
 
 def pretrained(a, cell):
     """The final checkpoint of a pretraining cell, run (again) when missing: the summaries travel in git, the
-    checkpoints do not, so a new machine re-makes a cell's pretraining before fine-tuning from it."""
+    checkpoints do not, so a new machine re-makes a cell's pretraining before fine-tuning from it. The summary
+    of record stays where it is (the pretraining tables are read from it); the re-made run's summary goes to
+    <cell>/remade/summary.json, and the transfer runs from its checkpoint say so (remade_from)."""
     source = summary_of(a, cell)
     ckpt = source and os.path.join(a.out_dir, cell, f'checkpoint-{source["epochs"] - 1}.pth')
     if not source or not os.path.exists(ckpt):
         print(f'{cell}: pretraining {"again (its checkpoint is not on this machine)" if source else "first"}',
               flush=True)
         shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)
-        source = run_unit(a, cell)
-        ckpt = os.path.join(a.out_dir, cell, f'checkpoint-{source["epochs"] - 1}.pth')
+        remade = run_unit(a, cell)
+        if source:
+            keep_record(a, cell, source, remade)
+        ckpt = os.path.join(a.out_dir, cell, f'checkpoint-{remade["epochs"] - 1}.pth')
     return ckpt
+
+
+def keep_record(a, cell, record, remade):
+    """Puts the summary of record back into <cell>/summary.json, the re-made run's into <cell>/remade/."""
+    os.makedirs(os.path.join(a.out_dir, cell, 'remade'), exist_ok=True)
+    remade['remade_at'] = time.strftime('%Y-%m-%d %H:%M')
+    for path, s in ((os.path.join(a.out_dir, cell, 'remade', 'summary.json'), remade),
+                    (os.path.join(a.out_dir, cell, 'summary.json'), record)):
+        with open(path, 'w') as f:
+            json.dump(s, f, indent=1)
+
+
+def remade_from(a, cell):
+    """The re-made pretraining run a transfer of `cell` starts from ({} for the run of record or random init)."""
+    s = summary_of(a, os.path.join(cell, 'remade')) if cell != 'random' else None
+    return {'remade_at': s['remade_at'], 'knn20': s['knn20'], 'epochs': s['epochs']} if s else {}
 
 
 def transfer_cmd(a, task, iters, seed, out):
@@ -263,6 +283,8 @@ def transfer(a, task, budget, cell, seed):
     last = read_log(out)[-1]
     summary = {'task': task, 'cell': cell, 'seed': seed, 'iters': iters, 'wall_s': wall, 'command': cmd,
                'root': ROOT}
+    if remade_from(a, cell):
+        summary['remade_from'] = remade_from(a, cell)
     if task == 'seg':
         summary.update(miou=last['test_miou'], aacc=last['test_aacc'], macc=last['test_macc'], iou=last['test_iou'])
     else:

@@ -214,6 +214,22 @@ def recipe(a, task):
             f"decay 0.05, drop path 0.1. The last iteration is scored.")
 
 
+def remade_lines(a, runs):
+    """Which runs start from a pretraining checkpoint re-made on a later machine (same command and seed; CPU
+    rounding differs), with its k-NN next to the run of record's."""
+    lines = []
+    for cell in dict.fromkeys(r['cell'] for r in runs if r.get('remade_from')):
+        made = [r for r in runs if r['cell'] == cell and r.get('remade_from')]
+        m = made[0]['remade_from']
+        path = os.path.join(a.out_dir, cell, 'summary.json')
+        record = json.load(open(path))['knn20'] if os.path.exists(path) else float('nan')
+        at = ', '.join(f"{r['iters']} it seed {r['seed']}" for r in made)
+        lines.append(f"- `{cell}`: the runs at {at} fine-tune from its checkpoint re-made on {m['remade_at']} "
+                     f"(same command and seed, {m['epochs']} epochs, another machine: k-NN 20 {m['knn20']:.2f}% vs "
+                     f"{record:.2f}% for the run of record); its other runs from the run of record.")
+    return lines
+
+
 def section(a, task, root, classes=None):
     """-> (markdown of the task's section, the runs at the budget the claims are read at, their pooled std,
     that budget's label) or ('', {}, nan, '') when the task has no finished run."""
@@ -264,7 +280,7 @@ def section(a, task, root, classes=None):
                 big = sorted((x for x in d if abs(x[1]) >= 1), key=lambda x: -abs(x[1]))
                 parts.append('Per class, MAE − random (mean IoU): ' + (', '.join(f'{n} {v:+.1f}' for n, v in big)
                                                                        or 'no class differs by 1 IoU or more') + '.')
-    parts += ['\n'.join(noise)]
+    parts += ['\n'.join(noise + remade_lines(a, runs))]
     figure = os.path.join(run_dir(a, task, 'mae-long', 0, claims_at), 'predictions.png')
     if os.path.exists(figure):
         import shutil

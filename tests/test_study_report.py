@@ -15,6 +15,7 @@ import study_transfer  # noqa: E402
 
 KNN = {'mae': [40.0, 41.0, 42.0], 'colormae_green': [40.5, 41.5, 42.5], 'crossmae_kept025': [41.0, 42.0, 43.0],
        'cmae': [45.0, 46.0, 47.0]}  # each std 1.0: pooled std 1.0
+SEG_CURVE = ['--seg_curve', '360,900,1800']  # the curves the tests write (the study's default is longer)
 
 
 def unit(out, name, kind, method, seed, knn20, epochs=7, epoch_time=10.0, **more):
@@ -65,7 +66,7 @@ def results(tmp_path, request):
         os.makedirs(out / f)
         (out / f / 'summary.json').write_text(json.dumps({'unit': f, 'kind': 'floor', 'method': f, 'seed': 0,
                                                           'commands': [], 'knn20': v, 'knn200': v, 'probe': v}))
-    a = study.get_args(['--out_dir', str(out), '--results', str(tmp_path / 'RESULTS.md'),
+    a = study.get_args([*SEG_CURVE, '--out_dir', str(out), '--results', str(tmp_path / 'RESULTS.md'),
                         '--seg_data', str(tmp_path / 'camvid')])
     study_report.write(a, str(tmp_path))
     return (tmp_path / 'RESULTS.md').read_text()
@@ -141,7 +142,7 @@ def test_plan_units_parse(tmp_path):
     ({360: [20.0, 21.0], 900: [25.0], 1800: [20.0]}, 900),   # a later dip does not count as a gain
 ])
 def test_converged_budget_from_the_curve(tmp_path, values, expect):
-    a = study.get_args(['--out_dir', str(tmp_path)])
+    a = study.get_args([*SEG_CURVE, '--out_dir', str(tmp_path)])
     for iters, vs in values.items():
         for seed, v in enumerate(vs):
             seg_unit(tmp_path, 'random', seed, v, iters)
@@ -153,7 +154,7 @@ def test_converged_budget_from_the_curve(tmp_path, values, expect):
 
 
 def test_converged_budget_waits_for_curve_and_noise(tmp_path):
-    a = study.get_args(['--out_dir', str(tmp_path)])
+    a = study.get_args([*SEG_CURVE, '--out_dir', str(tmp_path)])
     seg_unit(tmp_path, 'random', 0, 20.0, 360)
     seg_unit(tmp_path, 'random', 0, 25.0, 900)
     assert study_transfer.converged(a, 'seg') == (None, 'random init not yet fine-tuned at 1800 iterations', False)
@@ -220,7 +221,7 @@ def test_long_cell_is_read_within_its_minutes():
 def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, monkeypatch, task):
     """A transfer unit at the converged budget: the command gets that budget and the cell's checkpoint; a cell
     whose summary is present but whose checkpoint is not (a new machine) is pretrained again first."""
-    a = study.get_args(['--out_dir', str(tmp_path), '--results', str(tmp_path / 'R.md')])
+    a = study.get_args([*SEG_CURVE, '--out_dir', str(tmp_path), '--results', str(tmp_path / 'R.md')])
     for iters, v in ((360, 20.0), (900, 25.0), (1800, 25.5)) if task == 'seg' else ((256, 2.0), (640, 5.0),
                                                                                        (1280, 5.1)):
         write_run = seg_unit if task == 'seg' else det_unit
@@ -239,10 +240,11 @@ def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, 
         (tmp_path / out / 'log.txt').write_text(json.dumps({'epoch': 0, **last}) + '\n')
         return 12.0
 
-    def run_unit(a, unit):
+    def run_unit(a, unit):  # writes its summary.json as the real one does
         remade.append(unit)
         os.makedirs(tmp_path / unit)
-        return {'epochs': 7}
+        (tmp_path / unit / 'summary.json').write_text(json.dumps({'unit': unit, 'epochs': 7, 'knn20': 41.5}))
+        return {'unit': unit, 'epochs': 7, 'knn20': 41.5}
     monkeypatch.setattr(study, 'run', run)
     monkeypatch.setattr(study, 'run_unit', run_unit)
     s = study.transfer(a, task, 'c', 'mae', 1)
@@ -254,3 +256,9 @@ def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, 
     assert s == json.load(open(tmp_path / task / f'mae-seed1-it{conv}' / 'summary.json'))
     assert (s['miou'], s['iou']) == (30.0, [1.0]) if task == 'seg' else (s['box_ap'], s['mask_ap50']) == (7.0, 18.0)
     assert study_plan.is_done(a, f'{task}c:mae-seed1') and not study_plan.is_done(a, f'{task}c:mae-seed0')
+    # the summary of record stays, the re-made run lies beside it, and the transfer run and the report say so
+    assert json.load(open(tmp_path / 'mae' / 'summary.json'))['knn20'] == 40.0
+    assert json.load(open(tmp_path / 'mae' / 'remade' / 'summary.json'))['knn20'] == 41.5
+    assert s['remade_from']['knn20'] == 41.5 and s['remade_from']['epochs'] == 7
+    line, = study_transfer.remade_lines(a, study_transfer.load(a, task))
+    assert f'{conv} it seed 1' in line and '41.50% vs 40.00%' in line
