@@ -281,6 +281,7 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
         reading.append('- Single-seed cells vs MAE-random k-NN: ' + ', '.join(
             f"{u} {units[u]['knn20'] - mk:+.2f} ({(units[u]['knn20'] - mk) / sd_knn:+.1f}σ)"
             for u in singles if u != 'mae') + '.')
+    reading += study_transfer.headline(a, 'seg') + study_transfer.headline(a, 'det')
     if long:
         reading.append(f"- The one-hour MAE reaches {at['knn20']:.2f}% k-NN at {at['time_s'] / 60:.1f} minutes "
                        f"({'meets' if at['knn20'] >= 45 else 'does not meet'} the 45% target).")

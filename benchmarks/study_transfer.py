@@ -214,6 +214,45 @@ def recipe(a, task):
             f"decay 0.05, drop path 0.1. The last iteration is scored.")
 
 
+def reached(a, task, runs):
+    """The longest budget of the curve random init has been fine-tuned at (the short budget if none)."""
+    done = [i for i in curve(a, task) if any(r['cell'] == 'random' and r['iters'] == i for r in runs)]
+    return max(done, default=short(a, task))
+
+
+def headline(a, task, runs=None):
+    """Reading lines: the one-hour and the 7-epoch MAE vs random init at the claims' budget (the converged one,
+    else the longest of the curve, else the short one), on each read metric, said beyond or inside the noise."""
+    runs = load(a, task) if runs is None else runs
+    spec = TASKS[task]
+    conv, _, settled = converged(a, task, runs) if runs else (None, '', False)
+    i = conv if conv is not None else reached(a, task, runs)
+    by = group(runs, i)
+    tag = ('random init converged there' if settled else 'random init NOT converged there' if conv is not None
+           else 'the longest budget random init has run so far: the converged one is not known yet')
+    lines = []
+    for c in ('mae-long', 'mae'):
+        if c not in by or 'random' not in by:
+            continue
+        parts, beats = [], []
+        for k in spec['metrics'][:spec['read']]:
+            d, sd = mean(by[c], k) - mean(by['random'], k), pooled_std(runs, k)
+            parts.append(f"{spec['names'][k]} {mean(by[c], k):.2f} vs {mean(by['random'], k):.2f}, {d:+.2f} "
+                         f"({in_noise(d, sd)})")
+            beats.append(sd == sd and d >= NOISE * sd)
+        if sd != sd:
+            said = 'not called either way (no seed noise measured yet)'
+        else:
+            said = ('beats random init beyond the noise on ' + ' and '.join(spec['names'][k] for k in
+                                                                       spec['metrics'][:spec['read']])
+                    if all(beats) else 'does NOT beat random init beyond the noise on ' + ' and '.join(
+                        spec['names'][k] for k, b in zip(spec['metrics'], beats) if not b))
+        lines.append(f"- {spec['data']} at {i} fine-tuning iterations ({tag}), `{c}` ({len(by[c])} seed"
+                     f"{'s' * (len(by[c]) > 1)}) vs random init ({len(by['random'])}): " + '; '.join(parts)
+                     + f': {said}.')
+    return lines
+
+
 def remade_lines(a, runs):
     """Which runs start from a pretraining checkpoint re-made on a later machine (same command and seed; CPU
     rounding differs), with its k-NN next to the run of record's."""
@@ -255,7 +294,8 @@ def section(a, task, root, classes=None):
     curve_md, cells = curve_table(a, task, runs, key)
     parts += [f'### {name} by fine-tuning budget (seed 0 unless noted)', curve_md,
               f'![{task} curve](docs/{task}_curve.png)', f'Budget: {how}.']
-    shown_budgets = [short(a, task)] + [b for b in (conv, budgets[-1]) if b is not None and b != short(a, task)]
+    shown_budgets = [short(a, task)] + [b for b in (conv, reached(a, task, runs), budgets[-1])
+                                        if b is not None and b != short(a, task)]
     claims_at = conv if conv is not None else short(a, task)
     label = f'{claims_at} iterations' + (f' ({conv_tag})' if conv is not None else ' (short budget)')
     for i in dict.fromkeys(shown_budgets):
@@ -263,7 +303,9 @@ def section(a, task, root, classes=None):
         if not by:
             continue
         tag = ', '.join(t for t, b in (('short budget', short(a, task)), (conv_tag, conv),
-                                        ('longest budget of the curve', budgets[-1])) if b == i)
+                                        ('longest budget of the curve', budgets[-1]),
+                                        ('longest budget random init has run so far', None if conv else
+                                         reached(a, task, runs))) if b == i)
         parts += [f'### {i} iterations ({tag})', table(by, spec['metrics'], spec['names']),
                   '\n'.join(line for k in spec['metrics'][:spec['read']]
                             for line in comparisons(by, k, pooled_std(runs, k), spec['names'][k]))

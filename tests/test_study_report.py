@@ -176,6 +176,9 @@ def test_segmentation_at_the_converged_budget(results):
            '(+2.1 pooled std, outside the noise).' in results
     cmae = next(line for line in results.splitlines() if line.startswith('- **cmae**'))
     assert 'CamVid mIoU at 900 iterations (converged budget) +1.50' in cmae
+    assert ('- CamVid at 900 fine-tuning iterations (random init converged there), `mae` (2 seeds) vs random init '
+            '(2): mIoU 29.50 vs 27.50, +2.00 (+2.8 pooled std, outside the noise): beats random init beyond the '
+            'noise on mIoU.') in results
 
 
 def test_detection_section(tmp_path):
@@ -184,6 +187,7 @@ def test_detection_section(tmp_path):
         for seed, v in enumerate(box):
             det_unit(out, cell, seed, v, 1280)
         det_unit(out, cell, 0, box[0] / 2, 256)
+    det_unit(out, 'mae', 0, 2.5, 1280)  # random init's mean: inside the noise
     (tmp_path / 'camvid').mkdir()
     (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\n')
     a = study.get_args(['--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
@@ -192,8 +196,17 @@ def test_detection_section(tmp_path):
     text = (tmp_path / 'R.md').read_text()
     assert '## Detection transfer: Mask R-CNN on Penn-Fudan' in text
     assert '| mae-long | 2 | 8.50 ± 0.71 | 8.00 / 9.00 | 4.25 ± 0.35 | 4.00 / 4.50 |' in text
-    assert '- mae-long (2 seeds): 8.50 AP^box, vs random init +6.00 (+8.5 pooled std, outside the noise).' in text
+    assert ('- mae-long (2 seeds): 8.50 AP^box, vs random init +6.00 (+8.5 pooled std, outside the noise); vs MAE '
+            '+6.00 (+8.5 pooled std, outside the noise).') in text
     assert 'random init not yet fine-tuned at 640 iterations' in text
+    # the reading: at the longest budget random init has run (640 is missing), both AP against the pooled noise
+    assert ('- Penn-Fudan at 1280 fine-tuning iterations (the longest budget random init has run so far: the '
+            'converged one is not known yet), `mae-long` (2 seeds) vs random init (2): AP^box 8.50 vs 2.50, +6.00 '
+            '(+8.5 pooled std, outside the noise); AP^mask 4.25 vs 1.25, +3.00 (+8.5 pooled std, outside the '
+            'noise): beats random init beyond the noise on AP^box and AP^mask.') in text
+    assert ('`mae` (1 seed) vs random init (2): AP^box 2.50 vs 2.50, +0.00 (+0.0 pooled std, inside the noise); '
+            'AP^mask 1.25 vs 1.25, +0.00 (+0.0 pooled std, inside the noise): does NOT beat random init beyond the '
+            'noise on AP^box and AP^mask.') in text
     assert (tmp_path / 'docs' / 'det_curve.png').exists()
 
 
