@@ -21,7 +21,8 @@ Units (each in --out_dir/<unit>, done when its summary.json exists; --force reru
   init's curve over --seg_curve); `det:`, `det<N>:`, `detc:` the same for Mask R-CNN on Penn-Fudan.
 An interrupted unit keeps its finished pretraining (pretrain_wall_s.txt) and k-NN table. Only the summary.json
 files are tracked in git: on a new machine RESULTS.md is written from them, and a transfer unit whose cell's
-checkpoint is missing pretrains that cell again first.
+checkpoint is missing pretrains that cell again first, by its command of record (study.remake: the summary of
+record stays, the re-made run's k-NN goes beside it in <cell>/remade/ and RESULTS.md names the runs made from it).
 """
 import argparse
 import glob
@@ -219,29 +220,39 @@ def run_unit(a, unit):
 
 def pretrained(a, cell):
     """The final checkpoint of a pretraining cell, run (again) when missing: the summaries travel in git, the
-    checkpoints do not, so a new machine re-makes a cell's pretraining before fine-tuning from it. The summary
-    of record stays where it is (the pretraining tables are read from it); the re-made run's summary goes to
+    checkpoints do not, so a new machine re-makes a cell's pretraining before fine-tuning from it (remake)."""
+    record = summary_of(a, cell)
+    ckpt = record and os.path.join(a.out_dir, cell, f'checkpoint-{record["epochs"] - 1}.pth')
+    if record and os.path.exists(ckpt):
+        return ckpt
+    print(f'{cell}: pretraining {"again (its checkpoint is not on this machine)" if record else "first"}', flush=True)
+    shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)
+    if record:
+        remake(a, cell, record)
+    else:
+        record = run_unit(a, cell)
+    return os.path.join(a.out_dir, cell, f'checkpoint-{record["epochs"] - 1}.pth')
+
+
+def remake(a, cell, record):
+    """A cell's pretraining again by its command of record (same seed and budget), then k-NN and probe of the
+    final checkpoint only: what a transfer needs, and what tells the re-made run from the one of record. The
+    summary of record stays (the pretraining tables are read from it); the re-made run's goes to
     <cell>/remade/summary.json, and the transfer runs from its checkpoint say so (remade_from)."""
-    source = summary_of(a, cell)
-    ckpt = source and os.path.join(a.out_dir, cell, f'checkpoint-{source["epochs"] - 1}.pth')
-    if not source or not os.path.exists(ckpt):
-        print(f'{cell}: pretraining {"again (its checkpoint is not on this machine)" if source else "first"}',
-              flush=True)
-        shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)
-        remade = run_unit(a, cell)
-        if source:
-            keep_record(a, cell, source, remade)
-        ckpt = os.path.join(a.out_dir, cell, f'checkpoint-{remade["epochs"] - 1}.pth')
-    return ckpt
-
-
-def keep_record(a, cell, record, remade):
-    """Puts the summary of record back into <cell>/summary.json, the re-made run's into <cell>/remade/."""
-    os.makedirs(os.path.join(a.out_dir, cell, 'remade'), exist_ok=True)
-    remade['remade_at'] = time.strftime('%Y-%m-%d %H:%M')
-    for path, s in ((os.path.join(a.out_dir, cell, 'remade', 'summary.json'), remade),
-                    (os.path.join(a.out_dir, cell, 'summary.json'), record)):
-        with open(path, 'w') as f:
+    out = os.path.join(a.out_dir, cell)
+    cmd = [c.replace(record['root'] + '/', ROOT + '/') if record.get('root') else c for c in record['commands'][0]]
+    cmd[cmd.index('--output_dir') + 1] = out
+    cmd += device_args(a) if '--device' not in cmd else []
+    os.makedirs(os.path.join(out, 'remade'))
+    wall = run(cmd, os.path.join(out, 'study.log'))
+    log = read_log(out)
+    (res,), kcmd = knn(a, [os.path.join(out, f'checkpoint-{record["epochs"] - 1}.pth')],
+                       os.path.join(out, 'knn.md'), os.path.join(out, 'study.log'))
+    remade = {'unit': cell, 'epochs': record['epochs'], 'remade_at': time.strftime('%Y-%m-%d %H:%M'),
+              'pretrain_wall_s': wall, 'train_time_s': sum(r['epoch_time_s'] for r in log), **res,
+              'commands': [cmd, kcmd], 'root': ROOT, 'log': log}
+    for path, s in (('remade', remade), ('', record)):
+        with open(os.path.join(out, path, 'summary.json'), 'w') as f:
             json.dump(s, f, indent=1)
 
 

@@ -240,9 +240,10 @@ def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, 
         write_run = seg_unit if task == 'seg' else det_unit
         write_run(tmp_path, 'random', 0, v, iters)
         write_run(tmp_path, 'random', 1, v + 0.5, iters)
-    unit(tmp_path / 'gone', 'mae', 'method', 'mae', 0, 40.0)  # its summary; the checkpoint-6.pth it names: absent
+    unit(tmp_path / 'gone', 'mae', 'method', 'mae', 0, 40.0,  # its summary; the checkpoint-6.pth it names: absent
+         root='/old', commands=[['main_pretrain.py', '--data_path', '/old/../data', '--output_dir', '/old/runs/mae']])
     os.rename(tmp_path / 'gone' / 'mae', tmp_path / 'mae')
-    commands, remade = [], []
+    commands, knns = [], []
 
     def run(cmd, log):
         commands.append(cmd)
@@ -250,20 +251,23 @@ def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, 
         last = ({'test_miou': 30.0, 'test_aacc': 80.0, 'test_macc': 40.0, 'test_iou': [1.0]} if task == 'seg' else
                 {'test_bbox_AP': 7.0, 'test_bbox_AP50': 20.0, 'test_bbox_stats': [7.0] * 12, 'test_segm_AP': 6.0,
                  'test_segm_AP50': 18.0, 'test_segm_stats': [6.0] * 12})
+        if cmd[0] == 'main_pretrain.py':  # the command of record, run again
+            last = {'train_loss': 0.5, 'epoch_time_s': 9.0}
         (tmp_path / out / 'log.txt').write_text(json.dumps({'epoch': 0, **last}) + '\n')
         return 12.0
 
-    def run_unit(a, unit):  # writes its summary.json as the real one does
-        remade.append(unit)
-        os.makedirs(tmp_path / unit)
-        (tmp_path / unit / 'summary.json').write_text(json.dumps({'unit': unit, 'epochs': 7, 'knn20': 41.5}))
-        return {'unit': unit, 'epochs': 7, 'knn20': 41.5}
+    def knn(a, ckpts, out, log):
+        knns.append(ckpts)
+        return [{'knn20': 41.5, 'knn200': 39.0, 'probe': 50.0}], ['main_knn.py']
     monkeypatch.setattr(study, 'run', run)
-    monkeypatch.setattr(study, 'run_unit', run_unit)
+    monkeypatch.setattr(study, 'knn', knn)
     s = study.transfer(a, task, 'c', 'mae', 1)
     conv = 900 if task == 'seg' else 640
-    assert remade == ['mae'] and s['iters'] == conv and s['seed'] == 1
-    cmd = commands[0]
+    assert s['iters'] == conv and s['seed'] == 1
+    assert commands[0] == ['main_pretrain.py', '--data_path', study.ROOT + '/../data', '--output_dir',
+                           str(tmp_path / 'mae')]  # the command of record, in this checkout
+    assert knns == [[str(tmp_path / 'mae' / 'checkpoint-6.pth')]]  # the final checkpoint only
+    cmd = commands[1]
     assert cmd[cmd.index('--max_iters') + 1] == str(conv) and cmd[cmd.index('--seed') + 1] == '1'
     assert cmd[cmd.index('--finetune') + 1] == os.path.join(str(tmp_path), 'mae', 'checkpoint-6.pth')
     assert s == json.load(open(tmp_path / task / f'mae-seed1-it{conv}' / 'summary.json'))
