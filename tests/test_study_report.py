@@ -15,7 +15,7 @@ import study_transfer  # noqa: E402
 
 KNN = {'mae': [40.0, 41.0, 42.0], 'colormae_green': [40.5, 41.5, 42.5], 'crossmae_kept025': [41.0, 42.0, 43.0],
        'cmae': [45.0, 46.0, 47.0]}  # each std 1.0: pooled std 1.0
-SEG_CURVE = ['--seg_curve', '360,900,1800']  # the curves the tests write (the study's default is longer)
+CURVES = ['--seg_curve', '360,900,1800', '--det_curve', '256,640,1280']  # the tests' curves (the study's: longer)
 
 
 def unit(out, name, kind, method, seed, knn20, epochs=7, epoch_time=10.0, **more):
@@ -66,7 +66,7 @@ def results(tmp_path, request):
         os.makedirs(out / f)
         (out / f / 'summary.json').write_text(json.dumps({'unit': f, 'kind': 'floor', 'method': f, 'seed': 0,
                                                           'commands': [], 'knn20': v, 'knn200': v, 'probe': v}))
-    a = study.get_args([*SEG_CURVE, '--out_dir', str(out), '--results', str(tmp_path / 'RESULTS.md'),
+    a = study.get_args([*CURVES, '--out_dir', str(out), '--results', str(tmp_path / 'RESULTS.md'),
                         '--seg_data', str(tmp_path / 'camvid')])
     study_report.write(a, str(tmp_path))
     return (tmp_path / 'RESULTS.md').read_text()
@@ -124,7 +124,7 @@ def test_plan_units_parse(tmp_path):
     assert {study_plan.parse_unit(u)[0] for u in units} == {'method', 'floor', 'scratch', 'eqtime', 'seg', 'det',
                                                              'long'}
     assert {'seg900:random-seed0', 'seg1800:mae-long-seed0', 'segc:colormae_green-seed1', 'det:mae-seed0',
-            'det1280:random-seed1'} <= set(units)
+            'det2560:random-seed1', 'seg3600:mae-long-seed0'} <= set(units)  # the study's default curves
     assert units.index('seg1800:mae-seed0') < units.index('segc:random-seed0')  # the curve before its use
     assert study_transfer.parse('det640:mae-long-seed2', study_plan.CELLS) == ('det', 640, 'mae-long', 2)
     assert study_transfer.parse('segc:random-seed0', study_plan.CELLS) == ('seg', 'c', 'random', 0)
@@ -142,7 +142,7 @@ def test_plan_units_parse(tmp_path):
     ({360: [20.0, 21.0], 900: [25.0], 1800: [20.0]}, 900),   # a later dip does not count as a gain
 ])
 def test_converged_budget_from_the_curve(tmp_path, values, expect):
-    a = study.get_args([*SEG_CURVE, '--out_dir', str(tmp_path)])
+    a = study.get_args([*CURVES, '--out_dir', str(tmp_path)])
     for iters, vs in values.items():
         for seed, v in enumerate(vs):
             seg_unit(tmp_path, 'random', seed, v, iters)
@@ -154,7 +154,7 @@ def test_converged_budget_from_the_curve(tmp_path, values, expect):
 
 
 def test_converged_budget_waits_for_curve_and_noise(tmp_path):
-    a = study.get_args([*SEG_CURVE, '--out_dir', str(tmp_path)])
+    a = study.get_args([*CURVES, '--out_dir', str(tmp_path)])
     seg_unit(tmp_path, 'random', 0, 20.0, 360)
     seg_unit(tmp_path, 'random', 0, 25.0, 900)
     assert study_transfer.converged(a, 'seg') == (None, 'random init not yet fine-tuned at 1800 iterations', False)
@@ -190,7 +190,7 @@ def test_detection_section(tmp_path):
     det_unit(out, 'mae', 0, 2.5, 1280)  # random init's mean: inside the noise
     (tmp_path / 'camvid').mkdir()
     (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\n')
-    a = study.get_args(['--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
+    a = study.get_args([*CURVES, '--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
                         str(tmp_path / 'camvid')])
     study_report.write(a, str(tmp_path))
     text = (tmp_path / 'R.md').read_text()
@@ -234,7 +234,7 @@ def test_long_cell_is_read_within_its_minutes():
 def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, monkeypatch, task):
     """A transfer unit at the converged budget: the command gets that budget and the cell's checkpoint; a cell
     whose summary is present but whose checkpoint is not (a new machine) is pretrained again first."""
-    a = study.get_args([*SEG_CURVE, '--out_dir', str(tmp_path), '--results', str(tmp_path / 'R.md')])
+    a = study.get_args([*CURVES, '--out_dir', str(tmp_path), '--results', str(tmp_path / 'R.md')])
     for iters, v in ((360, 20.0), (900, 25.0), (1800, 25.5)) if task == 'seg' else ((256, 2.0), (640, 5.0),
                                                                                        (1280, 5.1)):
         write_run = seg_unit if task == 'seg' else det_unit
