@@ -71,7 +71,7 @@ def get_args(argv=None):
     p.add_argument('--det_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'pennfudan'))
     p.add_argument('--det_size', default=128, type=int, help='longer side of training crops and evaluation')
     p.add_argument('--det_iters', default=256, type=int, help='the short budget (8 epochs of 32 iterations)')
-    p.add_argument('--det_curve', default='256,640,1280,2560', help='budgets (iterations) of the detection curve')
+    p.add_argument('--det_curve', default='256,640,1280,2560,5120', help='budgets (iterations) of the detection curve')
     p.add_argument('--det_lr', default='1e-3', help='AdamW lr (absolute) of the detection fine-tunes')
     p.add_argument('--det_fpn', default=48, type=int, help='--fpn_channels of the detector')
     p.add_argument('--det_fc', default=128, type=int, help='--fc_dim of the box head')
