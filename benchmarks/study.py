@@ -63,15 +63,17 @@ def get_args(argv=None):
     p.add_argument('--seg_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'camvid'))
     p.add_argument('--seg_size', default=96, type=int, help='crop = short side of the rescaled CamVid frames')
     p.add_argument('--seg_iters', default=360, type=int, help='the short budget (8 epochs of 45 iterations)')
-    p.add_argument('--seg_curve', default='360,900,1800,3600', help='budgets (iterations) of the curve: random init, '
-                   'mae-long and mae at each; the claim cells run at the converged one (study_transfer.converged)')
+    p.add_argument('--seg_curve', default='360,900,1800,3600', help='budgets (iterations) of the curve: random '
+                   'init, mae-long and mae at each; the claim cells run at the converged one '
+                   '(study_transfer.converged)')
     p.add_argument('--seg_lr', default='1e-3', help='AdamW lr (absolute) of the segmentation fine-tunes')
     # --- detection transfer: Mask R-CNN fine-tuned on Penn-Fudan
     p.add_argument('--det_seeds', default='0,1', help='fine-tuning seeds at the longest detection budget')
     p.add_argument('--det_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'pennfudan'))
     p.add_argument('--det_size', default=128, type=int, help='longer side of training crops and evaluation')
     p.add_argument('--det_iters', default=256, type=int, help='the short budget (8 epochs of 32 iterations)')
-    p.add_argument('--det_curve', default='256,640,1280,2560,5120', help='budgets (iterations) of the detection curve')
+    p.add_argument('--det_curve', default='256,640,1280,2560,5120',
+                   help='budgets (iterations) of the detection curve')
     p.add_argument('--det_lr', default='1e-3', help='AdamW lr (absolute) of the detection fine-tunes')
     p.add_argument('--det_fpn', default=48, type=int, help='--fpn_channels of the detector')
     p.add_argument('--det_fc', default=128, type=int, help='--fc_dim of the box head')
@@ -294,8 +296,9 @@ def transfer(a, task, budget, cell, seed):
     last = read_log(out)[-1]
     summary = {'task': task, 'cell': cell, 'seed': seed, 'iters': iters, 'wall_s': wall, 'command': cmd,
                'root': ROOT}
-    if remade_from(a, cell):
-        summary['remade_from'] = remade_from(a, cell)
+    remade = remade_from(a, cell)
+    if remade:
+        summary['remade_from'] = remade
     if task == 'seg':
         summary.update(miou=last['test_miou'], aacc=last['test_aacc'], macc=last['test_macc'], iou=last['test_iou'])
     else:

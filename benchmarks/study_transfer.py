@@ -221,8 +221,9 @@ def reached(a, task, runs):
 
 
 def headline(a, task, runs=None):
-    """Reading lines: the one-hour and the 7-epoch MAE vs random init at the claims' budget (the converged one,
-    else the longest of the curve, else the short one), on each read metric, said beyond or inside the noise."""
+    """Reading lines: the one-hour and the 7-epoch MAE vs random init at the claims' budget (the converged one, or
+    the longest of the curve when random init has not converged, else the longest random init has run so far),
+    on each read metric, said beyond or inside the noise."""
     runs = load(a, task) if runs is None else runs
     spec = TASKS[task]
     conv, _, settled = converged(a, task, runs) if runs else (None, '', False)
@@ -234,13 +235,14 @@ def headline(a, task, runs=None):
     for c in ('mae-long', 'mae'):
         if c not in by or 'random' not in by:
             continue
-        parts, beats = [], []
+        parts, beats, sds = [], [], []
         for k in spec['metrics'][:spec['read']]:
             d, sd = mean(by[c], k) - mean(by['random'], k), pooled_std(runs, k)
+            sds.append(sd)
             parts.append(f"{spec['names'][k]} {mean(by[c], k):.2f} vs {mean(by['random'], k):.2f}, {d:+.2f} "
                          f"({in_noise(d, sd)})")
             beats.append(sd == sd and d >= NOISE * sd)
-        if sd != sd:
+        if any(sd != sd for sd in sds):
             said = 'not called either way (no seed noise measured yet)'
         else:
             said = ('beats random init beyond the noise on ' + ' and '.join(spec['names'][k] for k in
