@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
+import util.meters as meters
 import util.misc as misc
 from util import coco_eval
 
@@ -41,13 +42,13 @@ def to_device(images, targets, device):
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, log_writer=None):
     """args.iters_per_epoch and args.total_iters set the schedule; returns the epoch's mean losses. The loss
     terms (loss_classifier, loss_box_reg, loss_mask, loss_objectness, loss_rpn_box_reg) and their sum are
-    queued on the device and read by util.misc.StepReader every --print_freq steps (TensorBoard 'train/<term>', 'lr')."""
+    queued on the device and read by util.meters.StepReader every --print_freq steps (TensorBoard 'train/<term>', 'lr')."""
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter='  ')
-    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger = meters.MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', meters.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     first = epoch * args.iters_per_epoch
     total = min(args.iters_per_epoch, args.total_iters - first)
-    reader = misc.StepReader(args, epoch, args.iters_per_epoch, metric_logger, log_writer, tag_prefix='train/')
+    reader = meters.StepReader(args, epoch, args.iters_per_epoch, metric_logger, log_writer, tag_prefix='train/')
     params = [p for p in model.parameters() if p.requires_grad]
     batches = itertools.islice(data_loader, total)
     optimizer.zero_grad()

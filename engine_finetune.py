@@ -10,6 +10,7 @@ import torch
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
+import util.meters as meters
 import util.misc as misc
 from util.checkpoint import checkpoint_args, rng_state, save_epoch
 from util.launch import resume_training
@@ -18,13 +19,13 @@ from util.launch import resume_training
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, args, mixup_fn=None,
                     log_writer=None):
     """One epoch; the loss stays on the device and is read every --print_freq steps and at the end of the epoch
-    (util.misc.StepReader: non-finite check, TensorBoard 'loss' and 'lr' per optimizer step)."""
+    (util.meters.StepReader: non-finite check, TensorBoard 'loss' and 'lr' per optimizer step)."""
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter='  ')
-    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger = meters.MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', meters.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     accum_iter, device = args.accum_iter, args.device
     total = min(len(data_loader), args.max_steps_per_epoch or len(data_loader))
-    reader = misc.StepReader(args, epoch, total, metric_logger, log_writer, tag_prefix='')
+    reader = meters.StepReader(args, epoch, total, metric_logger, log_writer, tag_prefix='')
     optimizer.zero_grad()
     batches = itertools.islice(data_loader, total)
     for step, (samples, targets) in enumerate(metric_logger.log_every(batches, args.print_freq, f'Epoch: [{epoch}]', total)):
@@ -60,7 +61,7 @@ def evaluate(data_loader, model, args):
     """Prints '* Acc@1 x Acc@5 y loss z' and returns the averages. The per-batch values stay on the device
     until log_every prints (every 10 batches) and the end."""
     criterion = torch.nn.CrossEntropyLoss()
-    metric_logger = misc.MetricLogger(delimiter='  ')
+    metric_logger = meters.MetricLogger(delimiter='  ')
     model.eval()
     for images, target in metric_logger.log_every(data_loader, 10, 'Test:'):
         images = images.to(args.device, non_blocking=True)

@@ -2,9 +2,9 @@
 passed to the model as positional arguments (the contrastive model takes two views).
 
 No step waits for the GPU: the loss and the model's logs stay on the device (detached tensors queued in a
-`misc.DeviceMeters`) and are read in one device-to-host copy every --print_freq steps (the steps that
+`meters.DeviceMeters`) and are read in one device-to-host copy every --print_freq steps (the steps that
 `log_every` prints) and at the end of the epoch; under DDP that read is one all-reduce, which also carries
-the SIGTERM stop flag (`util.misc.StepReader`, which every training engine uses). A stop request ends the epoch
+the SIGTERM stop flag (`util.meters.StepReader`, which every training engine uses). A stop request ends the epoch
 at the next optimizer step, which then reports the steps really taken (a request seen at the epoch's last step
 lets the epoch finish; the caller checks the flag after it).
 """
@@ -12,6 +12,7 @@ import itertools
 from contextlib import nullcontext
 
 import util.lr_sched as lr_sched
+import util.meters as meters
 import util.misc as misc
 
 
@@ -19,8 +20,8 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, mas
                     start_step=0, stop_flag=None, after_step=None):
     """Returns (stats dict, steps completed in this epoch counting start_step, interrupted: bool)."""
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter='  ')
-    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger = meters.MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', meters.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'
     accum_iter, device = args.accum_iter, args.device
     steps_per_epoch = start_step + len(data_loader)
@@ -29,7 +30,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, mas
     optimizer.zero_grad()
     step, interrupted, stop_requested = start_step, False, False
     total = steps_per_epoch - start_step
-    reader = misc.StepReader(args, epoch, steps_per_epoch, metric_logger, None if args.no_step_log else log_writer,
+    reader = meters.StepReader(args, epoch, steps_per_epoch, metric_logger, None if args.no_step_log else log_writer,
                         stop_flag)
     batches = itertools.islice(data_loader, total)
     for i, (samples, _) in enumerate(metric_logger.log_every(batches, args.print_freq, header, total)):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import util.meters as meters
 import util.misc as misc
 from util.datasets import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from util.seg_datasets import IGNORE_INDEX
@@ -38,14 +39,14 @@ def segmentation_loss(model, images, labels, aux_weight):
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, args, log_writer=None):
     """args.iters_per_epoch and args.total_iters set the schedule; returns the epoch's mean losses. The losses
-    are read every --print_freq steps and at the end (util.misc.StepReader: one all-reduce under DDP,
+    are read every --print_freq steps and at the end (util.meters.StepReader: one all-reduce under DDP,
     the non-finite check naming the step, TensorBoard 'train/loss*' and 'lr' per optimizer step)."""
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter='  ')
-    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger = meters.MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', meters.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     first = epoch * args.iters_per_epoch
     total = min(args.iters_per_epoch, args.total_iters - first)
-    reader = misc.StepReader(args, epoch, args.iters_per_epoch, metric_logger, log_writer, tag_prefix='train/')
+    reader = meters.StepReader(args, epoch, args.iters_per_epoch, metric_logger, log_writer, tag_prefix='train/')
     optimizer.zero_grad()
     batches = itertools.islice(data_loader, total)
     for step, (images, labels) in enumerate(metric_logger.log_every(batches, args.print_freq, f'Epoch: [{epoch}]', total)):

@@ -22,6 +22,7 @@ import engine_pretrain
 import models_cmae
 import models_mae
 import models_vit
+import util.meters as meters
 import util.misc as misc
 from util.datasets import build_loader
 
@@ -222,7 +223,7 @@ def test_step_values_reach_tensorboard_and_the_stop_flag_is_seen_at_the_next_rea
 
 
 def test_device_meters():
-    m = misc.DeviceMeters()
+    m = meters.DeviceMeters()
     assert m.read() == {} and len(m) == 0
     m.update(loss=torch.tensor(2.0), acc=torch.tensor([50.0]), n=2)
     m.update(loss=torch.tensor(4.0, dtype=torch.bfloat16), acc=70, n=6)  # plain numbers are kept on the host
@@ -230,7 +231,7 @@ def test_device_meters():
     assert m.read() == {'loss': [2.0, 4.0], 'acc': [50.0, 70.0]}
     assert m.averages() == {'loss': pytest.approx(3.5), 'acc': pytest.approx(65.0)}
     assert m.read() == {}
-    logger = misc.MetricLogger()
+    logger = meters.MetricLogger()
     logger.update(n=3, loss=torch.tensor(1.0))
     logger.update(lr=0.5)
     assert 'loss' not in logger.meters  # still queued on the device
