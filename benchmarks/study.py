@@ -63,7 +63,7 @@ def get_args(argv=None):
     p.add_argument('--seg_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'camvid'))
     p.add_argument('--seg_size', default=96, type=int, help='crop = short side of the rescaled CamVid frames')
     p.add_argument('--seg_iters', default=360, type=int, help='the short budget (8 epochs of 45 iterations)')
-    p.add_argument('--seg_curve', default='360,900,1800,3600', help='budgets (iterations) of the curve: random '
+    p.add_argument('--seg_curve', default='360,900,1800,3600,7200', help='budgets (iterations) of the curve: random '
                    'init, mae-long and mae at each; the claim cells run at the converged one '
                    '(study_transfer.converged)')
     p.add_argument('--seg_lr', default='1e-3', help='AdamW lr (absolute) of the segmentation fine-tunes')
@@ -72,7 +72,7 @@ def get_args(argv=None):
     p.add_argument('--det_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'pennfudan'))
     p.add_argument('--det_size', default=128, type=int, help='longer side of training crops and evaluation')
     p.add_argument('--det_iters', default=256, type=int, help='the short budget (8 epochs of 32 iterations)')
-    p.add_argument('--det_curve', default='256,640,1280,2560,5120',
+    p.add_argument('--det_curve', default='256,640,1280,2560,5120,10240',
                    help='budgets (iterations) of the detection curve')
     p.add_argument('--det_lr', default='1e-3', help='AdamW lr (absolute) of the detection fine-tunes')
     p.add_argument('--det_fpn', default=48, type=int, help='--fpn_channels of the detector')
