@@ -157,7 +157,7 @@ def comparisons(by, key, sd, name):
 def curve_table(a, task, runs, key):
     budgets = curve(a, task)
     cells = [c for c in ORDER if any(r['cell'] == c and r['iters'] in budgets for r in runs)]
-    rows = [f'| cell | ' + ' | '.join(f'{i} it.' for i in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
+    rows = ['| cell | ' + ' | '.join(f'{i} it.' for i in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
     for c in cells:
         vals = [[r[key] for r in runs if r['cell'] == c and r['iters'] == i] for i in budgets]
         rows.append(f'| {c} | ' + ' | '.join(f'{statistics.mean(v):.2f}' + (f' ({len(v)} seeds)' if len(v) > 1 else '')
@@ -223,7 +223,8 @@ def reached(a, task, runs):
 def headline(a, task, runs=None):
     """Reading lines: the one-hour and the 7-epoch MAE vs random init at the claims' budget (the converged one, or
     the longest of the curve when random init has not converged, else the longest random init has run so far),
-    on each read metric, said beyond or inside the noise."""
+    on each read metric, said beyond or inside the noise; where a cell has not run there, at the longest budget
+    where it and random init both have, named as such."""
     runs = load(a, task) if runs is None else runs
     spec = TASKS[task]
     conv, _, settled = converged(a, task, runs) if runs else (None, '', False)
@@ -233,13 +234,18 @@ def headline(a, task, runs=None):
            else 'the longest budget random init has run so far: the converged one is not known yet')
     lines = []
     for c in ('mae-long', 'mae'):
-        if c not in by or 'random' not in by:
-            continue
+        j, where = i, tag
+        if c not in by or 'random' not in by:  # else the longest budget where both have run, named as such
+            both = [b for b in curve(a, task) if b < i and {c, 'random'} <= set(group(runs, b))]
+            if not both:
+                continue
+            j, where = both[-1], f'the longest budget where both have run: `{c}` is not yet fine-tuned at {i}'
+        by_j = group(runs, j)
         parts, beats, sds = [], [], []
         for k in spec['metrics'][:spec['read']]:
-            d, sd = mean(by[c], k) - mean(by['random'], k), pooled_std(runs, k)
+            d, sd = mean(by_j[c], k) - mean(by_j['random'], k), pooled_std(runs, k)
             sds.append(sd)
-            parts.append(f"{spec['names'][k]} {mean(by[c], k):.2f} vs {mean(by['random'], k):.2f}, {d:+.2f} "
+            parts.append(f"{spec['names'][k]} {mean(by_j[c], k):.2f} vs {mean(by_j['random'], k):.2f}, {d:+.2f} "
                          f"({in_noise(d, sd)})")
             beats.append(sd == sd and d >= NOISE * sd)
         if any(sd != sd for sd in sds):
@@ -249,8 +255,8 @@ def headline(a, task, runs=None):
                                                                        spec['metrics'][:spec['read']])
                     if all(beats) else 'does NOT beat random init beyond the noise on ' + ' and '.join(
                         spec['names'][k] for k, b in zip(spec['metrics'], beats) if not b))
-        lines.append(f"- {spec['data']} at {i} fine-tuning iterations ({tag}), `{c}` ({len(by[c])} seed"
-                     f"{'s' * (len(by[c]) > 1)}) vs random init ({len(by['random'])}): " + '; '.join(parts)
+        lines.append(f"- {spec['data']} at {j} fine-tuning iterations ({where}), `{c}` ({len(by_j[c])} seed"
+                     f"{'s' * (len(by_j[c]) > 1)}) vs random init ({len(by_j['random'])}): " + '; '.join(parts)
                      + f': {said}.')
     return lines
 
@@ -259,15 +265,15 @@ def remade_lines(a, runs):
     """Which runs start from a pretraining checkpoint re-made on a later machine (same command and seed; CPU
     rounding differs), with its k-NN next to the run of record's."""
     lines = []
-    for cell in dict.fromkeys(r['cell'] for r in runs if r.get('remade_from')):
-        made = [r for r in runs if r['cell'] == cell and r.get('remade_from')]
-        m = made[0]['remade_from']
+    for cell, when in dict.fromkeys((r['cell'], r['remade_from']['remade_at']) for r in runs if r.get('remade_from')):
+        made = [r for r in runs if r['cell'] == cell and r.get('remade_from', {}).get('remade_at') == when]
+        m = made[0]['remade_from']  # one line per re-make: each machine rounds in its own way
         path = os.path.join(a.out_dir, cell, 'summary.json')
         record = json.load(open(path))['knn20'] if os.path.exists(path) else float('nan')
         at = ', '.join(f"{r['iters']} it seed {r['seed']}" for r in made)
         lines.append(f"- `{cell}`: the runs at {at} fine-tune from its checkpoint re-made on {m['remade_at']} "
                      f"(same command and seed, {m['epochs']} epochs, another machine: k-NN 20 {m['knn20']:.2f}% vs "
-                     f"{record:.2f}% for the run of record); its other runs from the run of record.")
+                     f"{record:.2f}% for the run of record).")
     return lines
 
 

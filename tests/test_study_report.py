@@ -279,3 +279,36 @@ def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, 
     assert s['remade_from']['knn20'] == 41.5 and s['remade_from']['epochs'] == 7
     line, = study_transfer.remade_lines(a, study_transfer.load(a, task))
     assert f'{conv} it seed 1' in line and '41.50% vs 40.00%' in line
+
+
+def test_each_remake_of_a_cell_gets_its_own_line(tmp_path):
+    """Two machines re-made `mae` (each rounds in its own way): the runs are named under the re-make they
+    fine-tuned from, one line each; runs from the run of record are not named."""
+    a = study.get_args(['--out_dir', str(tmp_path)])
+    (tmp_path / 'mae').mkdir()
+    (tmp_path / 'mae' / 'summary.json').write_text(json.dumps({'knn20': 40.0}))
+    made = {'09:04': {'remade_at': '09:04', 'knn20': 40.0, 'epochs': 7},
+            '15:02': {'remade_at': '15:02', 'knn20': 40.1, 'epochs': 7}}
+    runs = [{'cell': 'mae', 'seed': 0, 'iters': 1280, 'remade_from': made['09:04']},
+            {'cell': 'mae', 'seed': 0, 'iters': 640, 'remade_from': made['15:02']},
+            {'cell': 'mae', 'seed': 1, 'iters': 1280, 'remade_from': made['15:02']},
+            {'cell': 'mae', 'seed': 0, 'iters': 256},
+            {'cell': 'random', 'seed': 0, 'iters': 1280}]
+    first, second = study_transfer.remade_lines(a, runs)
+    assert 'runs at 1280 it seed 0 fine-tune' in first and 're-made on 09:04' in first and '40.00% vs 40.00%' in first
+    assert 'runs at 640 it seed 0, 1280 it seed 1 fine-tune' in second and '40.10% vs 40.00%' in second
+    assert '256' not in first + second
+
+
+def test_reading_falls_back_to_the_longest_budget_both_have_run(tmp_path):
+    """mae-long is not yet fine-tuned at the claims' budget (1280): its line reads it against random init at 640,
+    the longest budget where both have run, and says so; a cell with no common budget gets no line."""
+    a = study.get_args(['--out_dir', str(tmp_path), '--det_curve', '640,1280'])
+    runs = [{'cell': 'random', 'seed': 0, 'iters': 640, 'box_ap': 2.0, 'mask_ap': 1.0},
+            {'cell': 'random', 'seed': 0, 'iters': 1280, 'box_ap': 10.0, 'mask_ap': 6.0},
+            {'cell': 'random', 'seed': 1, 'iters': 1280, 'box_ap': 11.0, 'mask_ap': 7.0},
+            {'cell': 'mae-long', 'seed': 0, 'iters': 640, 'box_ap': 9.0, 'mask_ap': 5.0}]
+    line, = study_transfer.headline(a, 'det', runs)
+    assert line.startswith('- Penn-Fudan at 640 fine-tuning iterations (the longest budget where both have run: '
+                           '`mae-long` is not yet fine-tuned at 1280), `mae-long` (1 seed) vs random init (1): '
+                           'AP^box 9.00 vs 2.00, +7.00 (+9.9 pooled std, outside the noise)'), line
