@@ -229,10 +229,14 @@ def pretrained(a, cell):
     if record and os.path.exists(ckpt):
         return ckpt
     print(f'{cell}: pretraining {"again (its checkpoint is not on this machine)" if record else "first"}', flush=True)
-    shutil.rmtree(os.path.join(a.out_dir, cell), ignore_errors=True)
-    if record:
+    out = os.path.join(a.out_dir, cell)
+    if record:  # the tracked summary of record stays in place: a killed re-make or a report meanwhile keeps it
+        for path in glob.glob(os.path.join(out, '*')):
+            if path != os.path.join(out, 'summary.json'):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         remake(a, cell, record)
     else:
+        shutil.rmtree(out, ignore_errors=True)
         record = run_unit(a, cell)
     return os.path.join(a.out_dir, cell, f'checkpoint-{record["epochs"] - 1}.pth')
 

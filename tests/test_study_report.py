@@ -243,6 +243,7 @@ def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, 
     unit(tmp_path / 'gone', 'mae', 'method', 'mae', 0, 40.0,  # its summary; the checkpoint-6.pth it names: absent
          root='/old', commands=[['main_pretrain.py', '--data_path', '/old/../data', '--output_dir', '/old/runs/mae']])
     os.rename(tmp_path / 'gone' / 'mae', tmp_path / 'mae')
+    (tmp_path / 'mae' / 'checkpoint-3.pth').write_bytes(b'a stale checkpoint of an interrupted run')
     commands, knns = [], []
 
     def run(cmd, log):
@@ -253,6 +254,9 @@ def test_transfer_unit_reads_its_run_and_remakes_a_missing_checkpoint(tmp_path, 
                  'test_segm_AP50': 18.0, 'test_segm_stats': [6.0] * 12})
         if cmd[0] == 'main_pretrain.py':  # the command of record, run again
             last = {'train_loss': 0.5, 'epoch_time_s': 9.0}
+            # while it runs, the summary of record stays in place and the old checkpoints are gone
+            assert json.load(open(tmp_path / 'mae' / 'summary.json'))['knn20'] == 40.0
+            assert not (tmp_path / 'mae' / 'checkpoint-3.pth').exists()
         (tmp_path / out / 'log.txt').write_text(json.dumps({'epoch': 0, **last}) + '\n')
         return 12.0
 
