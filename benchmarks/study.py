@@ -36,7 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study_report  # noqa: E402
 import study_transfer  # noqa: E402
-from study_plan import CELLS, FLOORS, METHODS, SEEDED, is_done, parse_unit, plan, unit_dir  # noqa: E402
+from study_plan import CELLS, FLOORS, METHODS, SEEDED, is_done, machine, parse_unit, plan, unit_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def get_args(argv=None):
@@ -174,7 +174,7 @@ def run_pretrain_unit(a, unit, kind, method, seed):
     out = os.path.join(a.out_dir, unit)
     os.makedirs(out, exist_ok=True)
     summary = {'unit': unit, 'kind': kind, 'method': method, 'seed': seed, 'epochs': a.epochs, 'commands': [],
-               'root': ROOT}
+               'root': ROOT, 'machine': machine()}
     epochs, warmup, save_freq, note = a.epochs, 1, None, ''
     if kind in ('eqtime', 'long'):
         epochs, warmup, save_freq, note = budget(a, kind, method)
@@ -257,7 +257,7 @@ def remake(a, cell, record):
                        os.path.join(out, 'knn.md'), os.path.join(out, 'study.log'))
     remade = {'unit': cell, 'epochs': record['epochs'], 'remade_at': time.strftime('%Y-%m-%d %H:%M'),
               'pretrain_wall_s': wall, 'train_time_s': sum(r['epoch_time_s'] for r in log), **res,
-              'commands': [cmd, kcmd], 'root': ROOT, 'log': log}
+              'commands': [cmd, kcmd], 'root': ROOT, 'machine': machine(), 'log': log}
     for path, s in (('remade', remade), ('', record)):
         with open(os.path.join(out, path, 'summary.json'), 'w') as f:
             json.dump(s, f, indent=1)

@@ -1,6 +1,7 @@
 """The study's plan (benchmarks/study.py runs it, benchmarks/study_report.py reads it): the methods and their
 pretraining flags, the floors, the units in the order they run, and where each unit's summary lies."""
 import os
+import platform
 
 import study_transfer
 
@@ -86,3 +87,22 @@ def unit_dir(a, unit):
 def is_done(a, unit):
     d = unit_dir(a, unit)
     return d is not None and os.path.exists(os.path.join(d, 'summary.json'))
+
+
+def machine():
+    """Where a unit ran: the CPU and this boot of the machine. Epoch times compare only within one boot: sessions
+    get other machines, and two CPUs of one name can differ 1.7x in speed."""
+    def read(path, pick):
+        try:
+            return pick(open(path).read())
+        except (OSError, StopIteration):
+            return None
+    cpu = read('/proc/cpuinfo', lambda t: next(l.split(':', 1)[1].strip() for l in t.splitlines()
+                                                if l.startswith('model name')))
+    return {'cpu': cpu or platform.processor(), 'boot_id': read('/proc/sys/kernel/random/boot_id', str.strip)
+            or platform.node()}
+
+
+def same_machine(s, t):
+    """Whether two summaries were timed on one machine (a summary from before this was recorded: unknown, no)."""
+    return s.get('machine') is not None and s.get('machine') == t.get('machine')

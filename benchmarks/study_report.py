@@ -123,7 +123,15 @@ def plot(units, seeds, path):
     plt.close(fig)
 
 
-def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg, seg_label=''):
+def time_ratio(group, mae_runs):
+    """A method's pretraining time per epoch / MAE-random's, both at their fastest epochs on one machine (its
+    runs and MAE's, the re-made one included, paired by machine); None when MAE was never timed where it ran."""
+    ratios = [epoch_s(g) / min(epoch_s(m) for m in same) for g in group
+              if (same := [m for m in mae_runs if study_plan.same_machine(g, m)])]
+    return min(ratios) if ratios else None
+
+
+def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg, seg_label='', mae_remade=None):
     mae = seeds.get('mae', [])
     if len(mae) < 1:
         return []
@@ -144,9 +152,10 @@ def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg, seg_label='')
             parts.append(f'CamVid mIoU at {seg_label} {ds:+.2f} ({in_noise(ds, sd_seg)}; std of fine-tuning seeds)')
             checks['mIoU'] = verdict(ds, sd_seg)
         eq = units.get(f'{m}-eqtime')
-        time_ratio = min(epoch_s(g) for g in group) / mae_epoch
+        ratio = time_ratio(group, mae + ([mae_remade] if mae_remade else []))
         text = (f'- **{m}** vs MAE-random, {len(group)} vs {len(mae)} pretraining seeds: ' + '; '.join(parts)
-                + f'. Pretraining time {time_ratio:.2f}× MAE\'s at equal epochs.')
+                + (f'. Pretraining time {ratio:.2f}× MAE\'s at equal epochs (fastest epochs, one machine).'
+                   if ratio else '. Pretraining time not compared: MAE-random was not timed on its machine.'))
         if eq:
             de = eq['knn20'] - mae_knn
             text += (f' At MAE\'s wall-clock ({eq["epochs"]} epochs, {rate_time(eq):.0f} s vs '
@@ -160,11 +169,14 @@ def claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg, seg_label='')
             fine = [k for k in diffs if k not in worse]
             said = [f'{", ".join(fine)}: no worse than MAE beyond the noise'] if fine else []
             said += [f'{", ".join(worse)}: worse than MAE beyond the noise'] if worse else []
-            if time_ratio >= 1 or not fine:
+            if ratio is None:  # "for less" is not measured
+                result = 'is not resolved (no epoch time beside MAE\'s on one machine)'
+            elif ratio >= 1 or not fine:
                 result = 'does not agree'
             else:
                 result = f'agrees on {", ".join(fine)} and does not on {", ".join(worse)}' if worse else 'agrees'
-            text += (f' Claim: {claim}. At our scale, at equal epochs (each costing {time_ratio:.2f}× MAE\'s): '
+            cost = f'each costing {ratio:.2f}× MAE\'s' if ratio else 'cost not compared'
+            text += (f' Claim: {claim}. At our scale, at equal epochs ({cost}): '
                      + '; '.join(said) + f', so the result {result}'
                      + (f'; at equal wall-clock, k-NN: {checks["k-NN at equal time"]}.' if eq else '.'))
         else:
@@ -274,7 +286,9 @@ after 200 epochs), the last k-NN point within {a.long_minutes:.0f} measured minu
     if multi:
         reading.append(f'- Seed noise (pooled over {", ".join(multi)}): k-NN std {sd_knn:.2f}, probe std '
                        f'{sd_probe:.2f} points. Differences under {NOISE:.0f} pooled std are inside the noise.')
-    reading += claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg, seg_label)
+    remade = os.path.join(a.out_dir, 'mae', 'remade', 'summary.json')
+    reading += claims_reading(units, seeds, sd_knn, sd_probe, seg_by, sd_seg, seg_label,
+                              json.load(open(remade)) if os.path.exists(remade) else None)
     singles = [u for u in study_plan.METHODS if u in units and u not in seeds or (u in seeds and len(seeds[u]) == 1)]
     if mae and singles and sd_knn == sd_knn:
         mk = mean_std([g['knn20'] for g in mae])[0]

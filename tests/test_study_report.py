@@ -18,8 +18,12 @@ KNN = {'mae': [40.0, 41.0, 42.0], 'colormae_green': [40.5, 41.5, 42.5], 'crossma
 CURVES = ['--seg_curve', '360,900,1800', '--det_curve', '256,640,1280']  # the tests' curves (the study's: longer)
 
 
+MACHINE = {'cpu': 'a CPU', 'boot_id': 'one boot'}
+
+
 def unit(out, name, kind, method, seed, knn20, epochs=7, epoch_time=10.0, **more):
     log = [{'epoch': e, 'train_loss': 1.0 - 0.05 * e, 'epoch_time_s': epoch_time} for e in range(epochs)]
+    more.setdefault('machine', MACHINE)
     s = {'unit': name, 'kind': kind, 'method': method, 'seed': seed, 'epochs': epochs, 'commands': [['x.py']],
          'pretrain_wall_s': epochs * epoch_time + 5, 'log': log, 'train_time_s': epochs * epoch_time,
          'knn_curve': [{'epoch': epochs, 'time_s': epochs * epoch_time, 'knn20': knn20, 'knn200': knn20 - 2,
@@ -316,3 +320,26 @@ def test_reading_falls_back_to_the_longest_budget_both_have_run(tmp_path):
     assert line.startswith('- Penn-Fudan at 640 fine-tuning iterations (the longest budget where both have run: '
                            '`mae-long` is not yet fine-tuned at 1280), `mae-long` (1 seed) vs random init (1): '
                            'AP^box 9.00 vs 2.00, +7.00 (+9.9 pooled std, outside the noise)'), line
+
+
+def test_pretraining_time_is_compared_on_one_machine_only():
+    """A method's time per epoch is read against MAE-random's timed on the same machine (its re-made run
+    included); a summary without a machine, or MAE timed only elsewhere, gives no ratio."""
+    here, there = {'cpu': 'EPYC', 'boot_id': 'b1'}, {'cpu': 'EPYC', 'boot_id': 'b2'}
+
+    def run(t, m=None):
+        return {'log': [{'epoch_time_s': t}, {'epoch_time_s': t + 3}], **({'machine': m} if m else {})}
+    mae_record, mae_remade = run(55.0, there), run(80.0, here)
+    assert study_report.time_ratio([run(73.0, here)], [mae_record]) is None
+    assert study_report.time_ratio([run(73.0, here)], [mae_record, mae_remade]) == pytest.approx(73.0 / 80.0)
+    assert study_report.time_ratio([run(73.0)], [run(55.0)]) is None
+    assert study_plan.same_machine(run(1.0, here), run(2.0, dict(here)))
+    m = study_plan.machine()
+    assert m['cpu'] and m['boot_id'] and m == study_plan.machine()
+    # CrossMAE's claim is "no worse for less": with no epoch time beside MAE's, the reading does not decide it
+    seeds = {m: [{**run(t, there if m == 'mae' else here), 'knn20': 40.0, 'probe': 50.0}]
+             for m, t in (('mae', 55.0), ('crossmae_kept025', 40.0))}
+    line, = study_report.claims_reading({}, seeds, 1.0, 1.0, {}, 1.0)
+    assert 'not compared' in line and 'so the result is not resolved' in line
+    line, = study_report.claims_reading({}, seeds, 1.0, 1.0, {}, 1.0, mae_remade=run(80.0, here))
+    assert '0.50× MAE' in line and 'so the result agrees' in line
