@@ -1,6 +1,7 @@
 """What the CUDA test files share: the flag-restoring and exact-fp32 fixtures, the data fixture that skips where
 a device machine has no test images, and small comparisons. Imported by tests/test_cuda.py and
 tests/test_cuda_ddp.py (the fixtures by name, which is how pytest finds them)."""
+import gc
 import warnings
 
 import pytest
@@ -42,7 +43,10 @@ def flat_grads(model):
 
 
 def cuda_syncs(fn):
-    """-> (fn(), the synchronising CUDA calls it made), as torch.cuda.set_sync_debug_mode('warn') reports them."""
+    """-> (fn(), the synchronising CUDA calls it made), as torch.cuda.set_sync_debug_mode('warn') reports them.
+    Earlier tests' garbage is collected first: on the H200 (torch 2.11) one torch.cuda.synchronize() came from a
+    finalizer run at the start of the first counted epoch, after the torch.compile tests."""
+    gc.collect()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')

@@ -86,7 +86,8 @@ def test_one_gpu_nccl_collective_paths(nccl_world_of_one, monkeypatch):
     values and the mean divides by the faked 2 -- so the devices, dtypes and copies (float64 stacks, host
     numbers sent non-blocking, a bool from a reduced flag, the autograd of the gather) go through NCCL."""
     import util.dist_ops as dist_ops
-    monkeypatch.setattr(misc, 'get_world_size', lambda: 2)
+    for module in (misc, meters):  # meters imports it by name
+        monkeypatch.setattr(module, 'get_world_size', lambda: 2)
     m = meters.DeviceMeters()  # StepReader's read under DDP: read(reduce=True)
     m.update(loss=torch.tensor(3.0, device='cuda'), n=2)
     m.update(loss=torch.tensor(5.0, device='cuda', dtype=torch.bfloat16), stop=1.0)
