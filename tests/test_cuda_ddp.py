@@ -86,7 +86,7 @@ def test_one_gpu_nccl_collective_paths(nccl_world_of_one, monkeypatch):
     values and the mean divides by the faked 2 -- so the devices, dtypes and copies (float64 stacks, host
     numbers sent non-blocking, a bool from a reduced flag, the autograd of the gather) go through NCCL."""
     import util.dist_ops as dist_ops
-    for module in (misc, meters):  # meters imports it by name
+    for module in (misc, meters):  # meters imports it by name (tests/test_distributed.py: the same on gloo)
         monkeypatch.setattr(module, 'get_world_size', lambda: 2)
     m = meters.DeviceMeters()  # StepReader's read under DDP: read(reduce=True)
     m.update(loss=torch.tensor(3.0, device='cuda'), n=2)

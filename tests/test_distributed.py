@@ -76,3 +76,26 @@ def test_unused_later_blocks_train_under_ddp(data_path, tmp_path):
     torchrun('main_segmentation.py', [*SEG, '--model', 'vit_micro_patch8', '--data_path', make_dataset(tmp_path / 'data'),
                                       '--epochs', 1, '--out_indices', 0, 1, 2, 3, '--output_dir', seg], nproc=1)  # of 6
     assert read_log(seg / 'log.txt')[-1]['epoch'] == 0
+
+
+def test_collective_paths_with_a_faked_world_of_two(world_of_one, monkeypatch):
+    """The branches our collectives take under DDP, entered on a one-rank gloo group with the world size faked to
+    2 where it selects them (tests/test_cuda_ddp.py runs the same over NCCL): the all-reduce then sums one rank's
+    values and the mean divides by the faked 2. get_world_size is faked in util.meters as well, which imports it
+    by name (the NCCL test faked it in util.misc alone, and failed on its first GPU run)."""
+    import util.meters as meters
+    for module in (misc, meters):
+        monkeypatch.setattr(module, 'get_world_size', lambda: 2)
+    m = meters.DeviceMeters()  # StepReader's read under DDP: read(reduce=True)
+    m.update(loss=torch.tensor(3.0), n=2)
+    m.update(loss=torch.tensor(5.0, dtype=torch.bfloat16), stop=1.0)
+    assert m.read(reduce=True) == {'loss': [1.5, 2.5], 'stop': [0.5]}
+    assert misc.all_reduce_mean(4.0) == 2.0
+    flag = misc.StopFlag()
+    assert flag.should_stop(torch.device('cpu')) is False
+    flag.set = True
+    assert flag.should_stop(torch.device('cpu')) is True
+    logger = meters.MetricLogger()
+    reader = meters.StepReader(argparse.Namespace(distributed=True), 0, 10, logger, stop_flag=flag)
+    reader.record(0, 1e-3, True, loss=torch.tensor(4.0))
+    assert reader.read() is True and logger.meters['loss'].value == 2.0  # the flag and the loss in one all-reduce
