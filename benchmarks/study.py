@@ -36,7 +36,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study_report  # noqa: E402
 import study_transfer  # noqa: E402
-from study_plan import CELLS, FLOORS, METHODS, SEEDED, is_done, machine, parse_unit, plan, unit_dir  # noqa: E402
+from study_plan import (CELLS, FLOORS, METHODS, SEEDED, is_done, machine, parse_unit, plan, same_machine,  # noqa: E402
+                        unit_dir)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def get_args(argv=None):
@@ -153,16 +154,41 @@ def epoch_time(a, unit):
     return min(r['epoch_time_s'] for r in s['log'])
 
 
+def paired_epoch_times(a, method):
+    """-> (MAE-random's s/epoch, method's s/epoch, CPU name) timed on one machine: every pretraining run of the two
+    cells (seeds and re-made runs included) grouped by machine; this machine's pair first, else the first found
+    (MAE's record before its re-made run). A ratio of times from two machines is no ratio of the methods (sessions
+    get CPUs up to 1.7x apart)."""
+    def runs(cell):
+        units = [u for c in (cell, f'{cell}-seed1') for u in (c, os.path.join(c, 'remade'))]
+        return [s for s in (summary_of(a, u) for u in units) if s and s.get('machine')]
+    here, pairs = machine(), {}
+    for m in runs('mae'):
+        for g in runs(method):
+            if same_machine(m, g):
+                key = json.dumps(m['machine'], sort_keys=True)
+                t_m, t_g = pairs.get(key, (float('inf'), float('inf')))
+                pairs[key] = (min(t_m, *(r['epoch_time_s'] for r in m['log'])),
+                              min(t_g, *(r['epoch_time_s'] for r in g['log'])))
+    if not pairs:
+        raise RuntimeError(f'{method}-eqtime needs MAE-random and {method} timed on one machine: run (or re-make) '
+                           f'both cells on this one first (--cells mae,{method})')
+    key = json.dumps(here, sort_keys=True)
+    key = key if key in pairs else next(iter(pairs))
+    return (*pairs[key], json.loads(key)['cpu'])
+
+
 def budget(a, kind, method):
     """-> (epochs, warmup epochs, save_freq, note) of an equal-time or long unit, from measured epoch times
     (the fastest epochs: an epoch slowed by other work on a shared machine does not move the budget)."""
-    t_mae = epoch_time(a, 'mae')
     if kind == 'eqtime':
-        t = epoch_time(a, method)
+        t_mae, t, cpu = paired_epoch_times(a, method)
         epochs = max(1, round(a.epochs * t_mae / t))
         note = (f'MAE-random takes {t_mae:.1f} s per epoch, {a.epochs * t_mae:.0f} s for {a.epochs} epochs; '
-                f'{method} {t:.1f} s per epoch (fastest epochs of their {a.epochs}-epoch runs): {epochs} epochs')
+                f'{method} {t:.1f} s per epoch (fastest epochs of their {a.epochs}-epoch runs, both on {cpu}): '
+                f'{epochs} epochs')
         return epochs, 1, max(epochs // 2, 1), note
+    t_mae = epoch_time(a, 'mae')
     epochs = max(a.epochs, int(a.long_minutes * 60 / t_mae * 0.97))  # 3% margin: stay inside the budget
     warmup = max(1, round(epochs / a.epochs))  # the 7-epoch recipe's 1 warmup epoch, scaled
     note = (f'MAE-random at {t_mae:.1f} s per epoch (fastest epoch of the mae cell): {epochs} epochs in '

@@ -343,3 +343,22 @@ def test_pretraining_time_is_compared_on_one_machine_only():
     assert 'not compared' in line and 'so the result is not resolved' in line
     line, = study_report.claims_reading({}, seeds, 1.0, 1.0, {}, 1.0, mae_remade=run(80.0, here))
     assert '0.50× MAE' in line and 'so the result agrees' in line
+
+
+def test_equal_time_budget_pairs_epoch_times_of_one_machine(tmp_path, monkeypatch):
+    """An eqtime unit's epochs = 7 x MAE's s/epoch / the method's, both timed on one machine (this one first):
+    MAE's record from another machine is not divided by the method's time here."""
+    a = study.get_args(['--out_dir', str(tmp_path)])
+    other, here = {'cpu': 'fast CPU', 'boot_id': '1'}, {'cpu': 'slow CPU', 'boot_id': '2'}
+    unit(tmp_path, 'mae', 'method', 'mae', 0, 40.0, epoch_time=10.0, machine=other)
+    unit(tmp_path, 'cmae', 'method', 'cmae', 0, 40.0, epoch_time=28.0, machine=here)
+    with pytest.raises(RuntimeError, match='timed on one machine'):
+        study.budget(a, 'eqtime', 'cmae')  # 7 x 10 / 28 would mix two machines
+    unit(tmp_path, 'mae/remade', 'method', 'mae', 0, 40.0, epoch_time=14.0, machine=here)
+    monkeypatch.setattr(study, 'machine', lambda: here)
+    epochs, _, _, note = study.budget(a, 'eqtime', 'cmae')
+    assert epochs == round(7 * 14.0 / 28.0) and 'both on slow CPU' in note
+    unit(tmp_path, 'cmae-seed1', 'method', 'cmae', 1, 40.0, epoch_time=9.0, machine=other)  # a pair there too
+    assert study.budget(a, 'eqtime', 'cmae')[0] == 4  # this machine's pair first
+    monkeypatch.setattr(study, 'machine', lambda: {'cpu': 'third', 'boot_id': '3'})
+    assert study.budget(a, 'eqtime', 'cmae')[0] == round(7 * 10.0 / 9.0)  # else one pair, not a mix
