@@ -310,6 +310,22 @@ def transfer_cmd(a, task, iters, seed, out):
             '--lr', a.det_lr, '--layer_decay', '0.75', '--eval_batch_size', '4', *common]
 
 
+def resume_parts(out, cmd):
+    """The parts run so far of a transfer unit stopped part-way (a session's end), when its command is this one and
+    its checkpoint.pth is there: the main_*.py script then resumes from that checkpoint (bit-exactly on the same
+    machine). Each earlier part keeps the wall-clock up to its last checkpoint (kept_s); [] for a fresh run."""
+    try:
+        prior = json.load(open(os.path.join(out, 'started.json')))
+    except (OSError, ValueError):
+        return []
+    ckpt = os.path.join(out, 'checkpoint.pth')
+    if prior.get('command') != cmd or not os.path.exists(ckpt) or os.path.exists(os.path.join(out, 'summary.json')):
+        return []
+    parts = prior['parts']
+    parts[-1]['kept_s'] = max(0., os.path.getmtime(ckpt) - parts[-1]['started_at'])
+    return parts
+
+
 def transfer(a, task, budget, cell, seed):
     """`task` ('seg': UperNet on CamVid, 'det': Mask R-CNN on Penn-Fudan) fine-tuned from `cell`'s final
     checkpoint ('random': no pretraining) for a budget (study_transfer.resolve).
@@ -321,12 +337,19 @@ def transfer(a, task, budget, cell, seed):
     cmd = transfer_cmd(a, task, iters, seed, out)
     if cell != 'random':
         cmd += ['--finetune', pretrained(a, cell)]
-    shutil.rmtree(out, ignore_errors=True)  # a fresh fine-tune, never a resume
-    os.makedirs(out)
+    parts = resume_parts(out, cmd)
+    if not parts:  # a fresh fine-tune
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+    parts.append({'machine': machine(), 'started_at': time.time(), 'from_epoch': len(parts) and len(read_log(out))})
+    with open(os.path.join(out, 'started.json'), 'w') as f:
+        json.dump({'command': cmd, 'parts': parts}, f, indent=1)
     wall = run(cmd, os.path.join(out, 'study.log'))
     last = read_log(out)[-1]
-    summary = {'task': task, 'cell': cell, 'seed': seed, 'iters': iters, 'wall_s': wall, 'command': cmd,
-               'root': ROOT}
+    summary = {'task': task, 'cell': cell, 'seed': seed, 'iters': iters,
+               'wall_s': sum(p['kept_s'] for p in parts[:-1]) + wall, 'command': cmd, 'root': ROOT}
+    if len(parts) > 1:
+        summary['resumed'] = [{'machine': p['machine'], 'from_epoch': p['from_epoch']} for p in parts]
     remade = remade_from(a, cell)
     if remade:
         summary['remade_from'] = remade

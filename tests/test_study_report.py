@@ -3,6 +3,7 @@ verdicts are computed from the numbers (the study itself is not run by the tests
 import json
 import os
 import statistics
+import time
 import sys
 
 import pytest
@@ -362,3 +363,39 @@ def test_equal_time_budget_pairs_epoch_times_of_one_machine(tmp_path, monkeypatc
     assert study.budget(a, 'eqtime', 'cmae')[0] == 4  # this machine's pair first
     monkeypatch.setattr(study, 'machine', lambda: {'cpu': 'third', 'boot_id': '3'})
     assert study.budget(a, 'eqtime', 'cmae')[0] == round(7 * 10.0 / 9.0)  # else one pair, not a mix
+
+
+def test_transfer_unit_stopped_part_way_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A det unit stopped at a session's end (started.json and checkpoint.pth there, no summary) runs its command
+    again without clearing its folder, so that main_detection resumes; the summary adds up the kept wall-clock and
+    names each part's machine. Another command (another budget, say) starts afresh."""
+    a = study.get_args([*CURVES, '--out_dir', str(tmp_path)])
+    out = tmp_path / 'det' / 'random-seed0-it256'
+    cleared = []
+
+    def run(cmd, log, stop_after=None):
+        cleared.append(not (out / 'log.txt').exists())
+        with open(out / 'log.txt', 'a') as f:
+            for e in range(2):
+                f.write(json.dumps({'epoch': e, 'train_loss': 1.0}) + '\n')
+        if stop_after:  # killed: epoch 1's checkpoint is the last one written
+            (out / 'checkpoint.pth').write_bytes(b'epoch 1')
+            os.utime(out / 'checkpoint.pth', (time.time() + 30, time.time() + 30))
+            raise KeyboardInterrupt
+        with open(out / 'log.txt', 'a') as f:
+            f.write(json.dumps({'epoch': 2, 'test_bbox_AP': 7.0, 'test_bbox_AP50': 20.0,
+                                'test_bbox_stats': [7.0] * 12}) + '\n')
+        return 100.0
+    monkeypatch.setattr(study, 'run', lambda cmd, log: run(cmd, log, stop_after=True))
+    with pytest.raises(KeyboardInterrupt):
+        study.transfer(a, 'det', 256, 'random', 0)
+    started = json.load(open(out / 'started.json'))
+    assert len(started['parts']) == 1 and not (out / 'summary.json').exists()
+    monkeypatch.setattr(study, 'run', run)
+    monkeypatch.setattr(study, 'machine', lambda: {'cpu': 'another CPU', 'boot_id': '2'})
+    s = study.transfer(a, 'det', 256, 'random', 0)
+    assert cleared == [True, False]  # the second part found the first one's files
+    assert s['box_ap'] == 7.0 and 130.0 <= s['wall_s'] <= 140.0  # 30 s kept (to the checkpoint) + 100 s
+    assert [p['from_epoch'] for p in s['resumed']] == [0, 2] and s['resumed'][1]['machine']['cpu'] == 'another CPU'
+    s2 = study.transfer(a, 'det', 256, 'random', 0)  # a finished unit run again (--force): afresh
+    assert cleared[-1] is True and 'resumed' not in s2
