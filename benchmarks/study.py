@@ -19,10 +19,11 @@ Units (each in --out_dir/<unit>, done when its summary.json exists; --force reru
   --out_dir/<seg|det>/<cell>-seed<k>-it<iterations>: `seg:<cell>-seed<k>` UperNet on CamVid for --seg_iters,
   `seg<N>:...` for N iterations, `segc:...` at the converged budget (study_transfer.converged: computed from random
   init's curve over --seg_curve); `det:`, `det<N>:`, `detc:` the same for Mask R-CNN on Penn-Fudan.
-An interrupted unit keeps its finished pretraining (pretrain_wall_s.txt) and k-NN table. Only the summary.json
-files are tracked in git: on a new machine RESULTS.md is written from them, and a transfer unit whose cell's
-checkpoint is missing pretrains that cell again first, by its command of record (study.remake: the summary of
-record stays, the re-made run's k-NN goes beside it in <cell>/remade/ and RESULTS.md names the runs made from it).
+An interrupted unit keeps its finished pretraining (pretrain_wall_s.txt) and k-NN table; an interrupted
+transfer unit resumes from its last checkpoint.pth when run again with the same command (started.json).
+Only the summary.json files are tracked in git: on a new machine RESULTS.md is written from them, and a
+transfer unit whose cell's checkpoint is missing pretrains that cell again first, by its command of record
+(study.remake: the summary of record stays, the re-made run's k-NN goes beside it in <cell>/remade/ and RESULTS.md names the runs made from it).
 """
 import argparse
 import glob
