@@ -23,7 +23,8 @@ An interrupted unit keeps its finished pretraining (pretrain_wall_s.txt) and k-N
 transfer unit resumes from its last checkpoint.pth when run again with the same command (started.json).
 Only the summary.json files are tracked in git: on a new machine RESULTS.md is written from them, and a
 transfer unit whose cell's checkpoint is missing pretrains that cell again first, by its command of record
-(study.remake: the summary of record stays, the re-made run's k-NN goes beside it in <cell>/remade/ and RESULTS.md names the runs made from it).
+(study.remake: the summary of record stays, the re-made run's k-NN goes beside it in <cell>/remade/ and
+RESULTS.md names the runs made from it).
 """
 import argparse
 import glob
