@@ -87,7 +87,7 @@ ALL=mae,hf,cross25,cmae
 
 log "gpu_check on $DEVICE: budget $BUDGET s, output in $OUT"
 step env 0 60 bash -c env_info
-step test_cuda 30 "$TESTS_CAP" python -m pytest -q tests/test_cuda.py tests/test_cuda_ddp.py
+step test_cuda 30 "$TESTS_CAP" python -m pytest -q tests/test_cuda.py tests/test_cuda_dense.py tests/test_cuda_ddp.py
 step "bench_${B}_eager" 20 120 "${BENCH[@]}" --configs $B --attn sdpa,flash --variants $ALL
 step "bench_${B}_compile_sdpa" "$COMPILE_MIN" "$COMPILE_CAP" "${BENCH[@]}" --configs $B --attn sdpa --no_loader \
     --variants mae,mae+compile,hf+compile
