@@ -1,6 +1,6 @@
-"""CUDA checks; every test is skipped without a GPU. First run on an H200 (torch 2.11) on 2026-12-04 (the dense-transfer checks are in
-tests/test_cuda_dense.py): what passed
-and what was fixed after it is in BENCHMARKS.md, "CUDA tests on the H200".
+"""CUDA checks; every test is skipped without a GPU (the dense-transfer ones: tests/test_cuda_dense.py). First run
+on an H200 (torch 2.11) on 2026-12-04: what passed and what was fixed after it is in BENCHMARKS.md, "CUDA tests on
+the H200".
 
 Tolerances, with the reason for each:
 - bf16 vs fp32 losses: |l - l32| <= 2e-2 |l32| + 5e-3. bf16 keeps 8 significant bits (relative rounding 2^-9);
