@@ -10,6 +10,8 @@
 # Each step runs under `timeout` (its own cap, and never past the budget), so that a hang cannot take the rest;
 # a failed step is recorded and the next one runs. GPU_CHECK_BUDGET: the whole budget in seconds (default 480).
 # bench_gpu.py reads the images for its loader row from MAE_TEST_DATA (default ../shared/data/imagenette2-224).
+# The detection CUDA test needs pycocotools: where the image lacks it, carry its wheel and install it with
+# `python -m pip` (the image's bare `pip` belongs to another interpreter); the env step says whether it is seen.
 set -u
 cd "$(dirname "$0")/.."
 DEVICE=cuda
@@ -63,7 +65,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.bac
       "available", torch.cuda.is_available(), "devices", torch.cuda.device_count())
 for i in range(torch.cuda.device_count()):
     print(torch.cuda.get_device_properties(i))
-for p in ("torchvision", "triton", "transformers", "timm", "numpy", "flash-attn"):
+for p in ("torchvision", "triton", "transformers", "timm", "numpy", "pycocotools", "flash-attn"):
     try:
         print(p, md.version(p))
     except md.PackageNotFoundError:

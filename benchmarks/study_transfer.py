@@ -132,7 +132,8 @@ def table(by, metrics, names):
         cols = []
         for k in metrics[:2]:
             m, s = mean_std([r[k] for r in runs])
-            cols += [f'{m:.2f} ± {s:.2f}', ' / '.join(f'{r[k]:.2f}' for r in runs)]
+            cols += [f'{m:.2f} ± {s:.2f}' if len(runs) > 1 else f'{m:.2f}',  # no std from one seed
+                     ' / '.join(f'{r[k]:.2f}' for r in runs)]
         cols += [f'{mean(runs, k):.2f}' for k in metrics[2:]]
         rows.append(f'| {c} | {len(runs)} | ' + ' | '.join(cols) + f" | {mean(runs, 'wall_s'):.0f} |")
     return '\n'.join(rows)
@@ -274,6 +275,15 @@ def remade_lines(a, runs):
         lines.append(f"- `{cell}`: the runs at {at} fine-tune from its checkpoint re-made on {m['remade_at']} "
                      f"(same command and seed, {m['epochs']} epochs, another machine: k-NN 20 {m['knn20']:.2f}% vs "
                      f"{record:.2f}% for the run of record).")
+    for r in runs:  # a unit stopped part way and resumed from its last checkpoint (bit-exact on one machine)
+        parts = r.get('resumed') or []
+        if len(parts) > 1:
+            first = parts[0]['machine']
+            where = ', '.join(f"epoch {p['from_epoch']} on " + ('the same machine' if p['machine'] == first else
+                                                                f"another machine ({p['machine'].get('cpu')})")
+                              for p in parts[1:])
+            lines.append(f"- `{r['cell']}` at {r['iters']} it seed {r['seed']} ran in {len(parts)} parts, resumed "
+                         f"from its checkpoint at {where}.")
     return lines
 
 

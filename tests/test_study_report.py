@@ -41,12 +41,12 @@ def seg_unit(out, cell, seed, miou, iters=360):
                                                 'wall_s': 100.0, 'command': ['s.py']}))
 
 
-def det_unit(out, cell, seed, box, iters):
+def det_unit(out, cell, seed, box, iters, **extra):
     d = out / 'det' / f'{cell}-seed{seed}-it{iters}'
     os.makedirs(d)
     (d / 'summary.json').write_text(json.dumps({'task': 'det', 'cell': cell, 'seed': seed, 'iters': iters,
                                                 'box_ap': box, 'box_ap50': 2 * box, 'mask_ap': box / 2,
-                                                'mask_ap50': box, 'wall_s': 50.0, 'command': ['d.py']}))
+                                                'mask_ap50': box, 'wall_s': 50.0, 'command': ['d.py'], **extra}))
 
 
 @pytest.fixture
@@ -193,6 +193,9 @@ def test_detection_section(tmp_path):
             det_unit(out, cell, seed, v, 1280)
         det_unit(out, cell, 0, box[0] / 2, 256)
     det_unit(out, 'mae', 0, 2.5, 1280)  # random init's mean: inside the noise
+    amd, intel = {'cpu': 'AMD EPYC', 'boot_id': 'a'}, {'cpu': 'Intel Xeon', 'boot_id': 'b'}
+    det_unit(out, 'mae', 0, 1.0, 256, resumed=[{'machine': amd, 'from_epoch': 0}, {'machine': amd, 'from_epoch': 5},
+                                               {'machine': intel, 'from_epoch': 7}])
     (tmp_path / 'camvid').mkdir()
     (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\n')
     a = study.get_args([*CURVES, '--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
@@ -204,6 +207,9 @@ def test_detection_section(tmp_path):
     assert ('- mae-long (2 seeds): 8.50 AP^box, vs random init +6.00 (+8.5 pooled std, outside the noise); vs MAE '
             '+6.00 (+8.5 pooled std, outside the noise).') in text
     assert 'random init not yet fine-tuned at 640 iterations' in text
+    assert ('- `mae` at 256 it seed 0 ran in 3 parts, resumed from its checkpoint at epoch 5 on the same machine, '
+            'epoch 7 on another machine (Intel Xeon).') in text
+    assert '| mae | 1 | 2.50 | 2.50 | 1.25 | 1.25 |' in text and '± nan' not in text  # no std from one seed
     # the reading: at the longest budget random init has run (640 is missing), both AP against the pooled noise
     assert ('- Penn-Fudan at 1280 fine-tuning iterations (the longest budget random init has run so far: the '
             'converged one is not known yet), `mae-long` (2 seeds) vs random init (2): AP^box 8.50 vs 2.50, +6.00 '
