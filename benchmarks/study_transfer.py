@@ -264,7 +264,7 @@ def headline(a, task, runs=None):
 
 def remade_lines(a, runs):
     """Which runs start from a pretraining checkpoint re-made on a later machine (same command and seed; CPU
-    rounding differs), with its k-NN next to the run of record's."""
+    rounding differs), with its k-NN next to the run of record's; and which units ran in parts (resumed)."""
     lines = []
     for cell, when in dict.fromkeys((r['cell'], r['remade_from']['remade_at']) for r in runs if r.get('remade_from')):
         made = [r for r in runs if r['cell'] == cell and r.get('remade_from', {}).get('remade_at') == when]

@@ -1,10 +1,26 @@
 """What the CUDA test files share: the flag-restoring and exact-fp32 fixtures, the data fixture that skips where
-a device machine has no test images, and small comparisons. Imported by tests/test_cuda.py and
-tests/test_cuda_ddp.py (the fixtures by name, which is how pytest finds them)."""
+a device machine has no test images, the half-precision tolerances, and small comparisons. Imported by
+tests/test_cuda.py, tests/test_cuda_dense.py and tests/test_cuda_ddp.py (the fixtures by name, which is how pytest
+finds them)."""
+import argparse
 import warnings
 
 import pytest
 import torch
+
+# a half-precision step against fp32: loss and gradient tolerances (the reasons: tests/test_cuda.py's docstring)
+TOL = {'bf16': dict(rtol=2e-2, atol=5e-3, cos=0.99), 'fp16': dict(rtol=5e-3, atol=2e-3, cos=0.999)}
+
+
+def amp_args(amp):
+    return argparse.Namespace(device=torch.device('cuda'), amp=amp)
+
+
+def sdpa_as_math(q, k, v, attn_mask=None):
+    """fp32 softmax(q k^T / sqrt(d) + bias) v from the same (bf16) inputs, returned in their dtype."""
+    with torch.autocast('cuda', enabled=False):
+        a = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+        return ((a + attn_mask.float()).softmax(-1) @ v.float()).to(q.dtype)
 
 
 @pytest.fixture(autouse=True)

@@ -38,11 +38,11 @@ import models_cmae
 import models_mae
 import util.misc as misc
 from conftest import PICO, read_log, run_script
-from cuda_common import close, cuda_syncs, data_path, exact_fp32, flat_grads, restore_cuda_flags  # noqa: F401
+from cuda_common import (TOL, amp_args, close, cuda_syncs, data_path, exact_fp32, flat_grads,  # noqa: F401
+                         restore_cuda_flags, sdpa_as_math)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
-TOL = {'bf16': dict(rtol=2e-2, atol=5e-3, cos=0.99), 'fp16': dict(rtol=5e-3, atol=2e-3, cos=0.999)}
 VARIANTS = {  # name: (model kwargs, views, kept_mask_ratio)
     'mae': ({}, 1, None),
     'cross25': ({'cross_mae': True, 'weight_fm': True, 'use_input': True}, 1, 0.25),
@@ -67,10 +67,6 @@ def inputs(variant, n=16, seed=1):
     noise = torch.rand(n, 64, generator=g)
     views = [x, 0.9 * x.roll(3, dims=-1)] if VARIANTS[variant][1] == 2 else [x]
     return [v.cuda() for v in views], noise.cuda()
-
-
-def amp_args(amp):
-    return argparse.Namespace(device=torch.device('cuda'), amp=amp)
 
 
 def loss_of(model, views, noise, variant, amp):
@@ -279,13 +275,6 @@ def test_mask_generator_on_cuda_equals_cpu_without_a_sync(mask_type):
     assert syncs == []
     assert all(d.is_cuda for d in draws)
     assert torch.equal(torch.stack(draws).cpu(), torch.stack([cpu(16) for _ in range(10)]))
-
-
-def sdpa_as_math(q, k, v, attn_mask=None):
-    """fp32 softmax(q k^T / sqrt(d) + bias) v from the same (bf16) inputs, returned in their dtype."""
-    with torch.autocast('cuda', enabled=False):
-        a = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
-        return ((a + attn_mask.float()).softmax(-1) @ v.float()).to(q.dtype)
 
 
 @pytest.mark.parametrize('grid', [(4, 4), (6, 5)])

@@ -1,5 +1,6 @@
 """CUDA checks of dense transfer (detection, segmentation); every test is skipped without a GPU. Tolerances as in
-tests/test_cuda.py, whose helpers they use. First run on an H200 (torch 2.11) on 2026-12-04: all passed."""
+tests/test_cuda.py (shared through tests/cuda_common.py). First run on an H200 (torch 2.11) on 2026-12-04: all
+passed."""
 import math
 
 import pytest
@@ -8,8 +9,7 @@ import torch.nn.functional as F
 
 import util.misc as misc
 from conftest import read_log
-from cuda_common import close, exact_fp32, flat_grads, restore_cuda_flags  # noqa: F401
-from test_cuda import TOL, amp_args, sdpa_as_math
+from cuda_common import TOL, amp_args, close, exact_fp32, flat_grads, restore_cuda_flags, sdpa_as_math  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
