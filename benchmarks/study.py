@@ -72,12 +72,14 @@ def get_args(argv=None):
                    '(study_transfer.converged)')
     p.add_argument('--seg_lr', default='1e-3', help='AdamW lr (absolute) of the segmentation fine-tunes')
     # --- detection transfer: Mask R-CNN fine-tuned on Penn-Fudan
-    p.add_argument('--det_seeds', default='0,1', help='fine-tuning seeds at the longest detection budget')
+    p.add_argument('--det_seeds', default='0,1', help='fine-tuning seeds of random init, mae-long and mae at the '
+                   'converged detection budget (the first: at every budget of the curve)')
     p.add_argument('--det_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'pennfudan'))
     p.add_argument('--det_size', default=128, type=int, help='longer side of training crops and evaluation')
     p.add_argument('--det_iters', default=256, type=int, help='the short budget (8 epochs of 32 iterations)')
-    p.add_argument('--det_curve', default='256,640,1280,2560,5120,10240',
-                   help='budgets (iterations) of the detection curve')
+    p.add_argument('--det_curve', default='256,640,1280,2560,5120,10240,20480',
+                   help='budgets (iterations) of the detection curve: random init, mae-long and mae at each (doubled '
+                   'while random init still gains beyond the noise at the end)')
     p.add_argument('--det_lr', default='1e-3', help='AdamW lr (absolute) of the detection fine-tunes')
     p.add_argument('--det_fpn', default=48, type=int, help='--fpn_channels of the detector')
     p.add_argument('--det_fc', default=128, type=int, help='--fc_dim of the box head')

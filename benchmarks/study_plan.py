@@ -28,7 +28,7 @@ FLOORS = {  # unit: main_knn.py model flags (None: the study's ViT, untrained); 
 def plan(a):
     """Every unit in the order the study runs them: the claims' cells and their seeds first, then the transfer
     curves (random init, mae-long, mae at every budget), the claim cells at the converged segmentation budget and
-    Mask R-CNN at the longest detection budget with two seeds; a cut study leaves whole cells out."""
+    Mask R-CNN's curve cells at the converged detection budget with more seeds; a cut study leaves whole cells out."""
     seeds, seg_seeds = [int(s) for s in a.seeds.split(',')], [int(s) for s in a.seg_seeds.split(',')]
     det_seeds = [int(s) for s in a.det_seeds.split(',')]
     units = SEEDED + list(FLOORS) + ['scratch']
@@ -43,8 +43,7 @@ def plan(a):
                   for c in study_transfer.CURVE_CELLS]
     units += [f'segc:{c}-seed{s}' for s in seg_seeds for c in ('random', 'mae-long', 'mae')]
     units += [f'segc:{c}-seed{s}' for s in seg_seeds for c in SEEDED[1:]]  # one seed each first if cut
-    longest = study_transfer.curve(a, 'det')[-1]
-    units += [f'det{longest}:{c}-seed{s}' for s in det_seeds[1:] for c in study_transfer.CURVE_CELLS]
+    units += [f'detc:{c}-seed{s}' for s in det_seeds[1:] for c in study_transfer.CURVE_CELLS]
     others = [m for m in METHODS if m not in SEEDED]
     return units + [u for m in others for u in (m, f'seg:{m}-seed{seg_seeds[0]}')]
 
