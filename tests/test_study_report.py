@@ -407,3 +407,25 @@ def test_transfer_unit_stopped_part_way_resumes_from_its_checkpoint(tmp_path, mo
     assert [p['from_epoch'] for p in s['resumed']] == [0, 2] and s['resumed'][1]['machine']['cpu'] == 'another CPU'
     s2 = study.transfer(a, 'det', 256, 'random', 0)  # a finished unit run again (--force): afresh
     assert cleared[-1] is True and 'resumed' not in s2
+
+
+def test_detection_section_keeps_the_longest_budget_both_have_run(tmp_path):
+    """Random init alone has run at the claims' budget (1280): the table at 640, where it and `mae-long` have both
+    run, stays in the section, named as such, with its comparison."""
+    out = tmp_path / 'runs'
+    det_unit(out, 'random', 0, 1.0, 256)
+    for seed, v in enumerate((2.0, 3.0)):
+        det_unit(out, 'random', seed, v, 640)
+    det_unit(out, 'mae-long', 0, 9.0, 640)
+    det_unit(out, 'random', 0, 20.0, 1280)  # still gains beyond the noise: 1280 is used, not converged
+    (tmp_path / 'camvid').mkdir()
+    (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\n')
+    a = study.get_args([*CURVES, '--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
+                        str(tmp_path / 'camvid')])
+    study_report.write(a, str(tmp_path))
+    text = (tmp_path / 'R.md').read_text()
+    both = text.index('### 640 iterations (longest budget where random init and a pretrained cell have both run)')
+    claims = text.index("### 1280 iterations (the claims' budget: random init NOT converged, longest budget of "
+                        "the curve)")
+    assert both < text.index('- mae-long (1 seed): 9.00 AP^box, vs random init +6.50', both) < claims
+    assert '- No random init or MAE run at this budget to compare with yet.' in text[claims:]
