@@ -49,6 +49,16 @@ def det_unit(out, cell, seed, box, iters, **extra):
                                                 'mask_ap50': box, 'wall_s': 50.0, 'command': ['d.py'], **extra}))
 
 
+def det_report(tmp_path, out):
+    """RESULTS.md written from the detection units under `out` (a one-class CamVid folder for the seg section)."""
+    (tmp_path / 'camvid').mkdir()
+    (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\n')
+    a = study.get_args([*CURVES, '--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
+                        str(tmp_path / 'camvid')])
+    study_report.write(a, str(tmp_path))
+    return (tmp_path / 'R.md').read_text()
+
+
 @pytest.fixture
 def results(tmp_path, request):
     out = tmp_path / 'runs'
@@ -198,12 +208,7 @@ def test_detection_section(tmp_path):
     amd, intel = {'cpu': 'AMD EPYC', 'boot_id': 'a'}, {'cpu': 'Intel Xeon', 'boot_id': 'b'}
     det_unit(out, 'mae', 0, 1.0, 256, resumed=[{'machine': amd, 'from_epoch': 0}, {'machine': amd, 'from_epoch': 5},
                                                {'machine': intel, 'from_epoch': 7}])
-    (tmp_path / 'camvid').mkdir()
-    (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\n')
-    a = study.get_args([*CURVES, '--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
-                        str(tmp_path / 'camvid')])
-    study_report.write(a, str(tmp_path))
-    text = (tmp_path / 'R.md').read_text()
+    text = det_report(tmp_path, out)
     assert '## Detection transfer: Mask R-CNN on Penn-Fudan' in text
     assert '| mae-long | 2 | 8.50 ± 0.71 | 8.00 / 9.00 | 4.25 ± 0.35 | 4.00 / 4.50 |' in text
     assert ('- mae-long (2 seeds): 8.50 AP^box, vs random init +6.00 (+8.5 pooled std, outside the noise); vs MAE '
@@ -418,12 +423,7 @@ def test_detection_section_keeps_the_longest_budget_both_have_run(tmp_path):
         det_unit(out, 'random', seed, v, 640)
     det_unit(out, 'mae-long', 0, 9.0, 640)
     det_unit(out, 'random', 0, 20.0, 1280)  # still gains beyond the noise: 1280 is used, not converged
-    (tmp_path / 'camvid').mkdir()
-    (tmp_path / 'camvid' / 'classes.txt').write_text('Sky\n')
-    a = study.get_args([*CURVES, '--out_dir', str(out), '--results', str(tmp_path / 'R.md'), '--seg_data',
-                        str(tmp_path / 'camvid')])
-    study_report.write(a, str(tmp_path))
-    text = (tmp_path / 'R.md').read_text()
+    text = det_report(tmp_path, out)
     both = text.index('### 640 iterations (longest budget where random init and a pretrained cell have both run)')
     claims = text.index("### 1280 iterations (the claims' budget: random init NOT converged, longest budget of "
                         "the curve)")
