@@ -77,7 +77,7 @@ def get_args(argv=None):
     p.add_argument('--det_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'pennfudan'))
     p.add_argument('--det_size', default=128, type=int, help='longer side of training crops and evaluation')
     p.add_argument('--det_iters', default=256, type=int, help='the short budget (8 epochs of 32 iterations)')
-    p.add_argument('--det_curve', default='256,640,1280,2560,5120,10240,20480',
+    p.add_argument('--det_curve', default='256,640,1280,2560,5120,10240,20480,40960',
                    help='budgets (iterations) of the detection curve: random init, mae-long and mae at each (doubled '
                    'while random init still gains beyond the noise at the end)')
     p.add_argument('--det_lr', default='1e-3', help='AdamW lr (absolute) of the detection fine-tunes')

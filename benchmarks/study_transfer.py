@@ -82,29 +82,35 @@ def pooled_std(runs, key):
 
 def converged(a, task, runs=None):
     """-> (iterations or None, a sentence saying how they were chosen, whether random init converged there).
-    None while random init's curve or the noise estimate is missing; the longest budget (and False) when random
-    init still gains beyond the noise at its end: the curve needs a longer budget."""
+    None while random init's curve or the noise estimate is missing (the sentence then reads the budgets run so
+    far); the longest budget (and False) when random init still gains beyond the noise at its end: the curve needs
+    a longer budget."""
     runs = load(a, task) if runs is None else runs
     key, budgets = TASKS[task]['metrics'][0], curve(a, task)
     rand = {i: [r[key] for r in runs if r['cell'] == 'random' and r['iters'] == i] for i in budgets}
     missing = [i for i in budgets if not rand[i]]
     sd = pooled_std(runs, key)
-    if missing:
-        return None, f'random init not yet fine-tuned at {", ".join(map(str, missing))} iterations', False
     if sd != sd:
-        return None, 'no budget has two fine-tuning seeds yet: no noise to compare the gains with', False
-    m = {i: statistics.mean(v) for i, v in rand.items()}
+        wait = f'random init not yet fine-tuned at {", ".join(map(str, missing))} iterations' if missing else \
+            'no budget has two fine-tuning seeds yet: no noise to compare the gains with'
+        return None, wait, False
+    ran = [i for i in budgets if rand[i]]
+    m = {i: statistics.mean(rand[i]) for i in ran}
     name = TASKS[task]['names'][key]
-    steps = ', '.join(f'{i}: {m[i]:.2f}' for i in budgets)
-    for n, i in enumerate(budgets[:-1]):
-        gain = max(m[j] for j in budgets[n + 1:]) - m[i]
-        if gain < NOISE * sd:
-            return i, (f'random init {name} by iterations ({steps}); from {i} iterations on it gains at most '
-                       f'{gain:+.2f} to a longer budget, under {NOISE:.0f} pooled std ({NOISE * sd:.2f}): '
-                       f'converged at {i} iterations'), True
-    return budgets[-1], (f'random init {name} by iterations ({steps}) still gains beyond {NOISE:.0f} pooled std '
-                         f'({NOISE * sd:.2f}) at every step: the longest budget, {budgets[-1]}, is used and random '
-                         f'init is NOT converged there'), False
+    steps = f'random init {name} by iterations (' + ', '.join(f'{i}: {m[i]:.2f}' for i in ran) + ')'
+    gain = {i: max(m[j] for j in ran[n + 1:]) - m[i] for n, i in enumerate(ran[:-1])}  # to any longer budget
+    found = next((i for i in gain if gain[i] < NOISE * sd), None)
+    if missing:  # no budget is settled before the whole curve has run: a longer one could still gain
+        so_far = '' if len(ran) < 2 else (
+            f'; so far, {steps}, it gains at most {gain[found]:+.2f} from {found} iterations on, under '
+            f'{NOISE:.0f} pooled std ({NOISE * sd:.2f})' if found is not None else
+            f'; so far, {steps}, it still gains beyond {NOISE:.0f} pooled std ({NOISE * sd:.2f}) at every step')
+        return None, f'random init not yet fine-tuned at {", ".join(map(str, missing))} iterations{so_far}', False
+    if found is not None:
+        return found, (f'{steps}; from {found} iterations on it gains at most {gain[found]:+.2f} to a longer budget, '
+                       f'under {NOISE:.0f} pooled std ({NOISE * sd:.2f}): converged at {found} iterations'), True
+    return budgets[-1], (f'{steps} still gains beyond {NOISE:.0f} pooled std ({NOISE * sd:.2f}) at every step: '
+                         f'the longest budget, {budgets[-1]}, is used and random init is NOT converged there'), False
 
 
 def resolve(a, task, budget):

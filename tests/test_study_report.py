@@ -139,7 +139,7 @@ def test_plan_units_parse(tmp_path):
     assert {study_plan.parse_unit(u)[0] for u in units} == {'method', 'floor', 'scratch', 'eqtime', 'seg', 'det',
                                                              'long'}
     assert {'seg900:random-seed0', 'seg1800:mae-long-seed0', 'segc:colormae_green-seed1', 'det:mae-seed0',
-            'det20480:random-seed0', 'detc:mae-seed1', 'seg7200:mae-long-seed0',
+            'det20480:random-seed0', 'det40960:random-seed0', 'detc:mae-seed1', 'seg7200:mae-long-seed0',
             'seg14400:random-seed0'} <= set(units)  # the study's default curves
     assert units.index('seg1800:mae-seed0') < units.index('segc:random-seed0')  # the curve before its use
     assert units.index('det20480:mae-seed0') < units.index('detc:random-seed1')
@@ -180,6 +180,21 @@ def test_converged_budget_waits_for_curve_and_noise(tmp_path):
     seg_unit(tmp_path, 'mae', 1, 26.0, 1800)
     seg_unit(tmp_path, 'mae', 0, 24.0, 1800)  # sd from another cell's seeds: sqrt(2) -> 2 sd = 2.83
     assert study_transfer.converged(a, 'seg')[0] == 900
+
+
+@pytest.mark.parametrize('at900, says', [
+    (25.0, 'so far, random init mIoU by iterations (360: 20.50, 900: 25.00), it still gains beyond 2 pooled std (1.41) '
+           'at every step'),
+    (21.5, 'so far, random init mIoU by iterations (360: 20.50, 900: 21.50), it gains at most +1.00 from 360 '
+           'iterations on, under 2 pooled std (1.41)'),
+])
+def test_converged_budget_reads_the_curve_run_so_far(tmp_path, at900, says):
+    a = study.get_args([*CURVES, '--out_dir', str(tmp_path)])
+    seg_unit(tmp_path, 'random', 0, 20.0, 360)
+    seg_unit(tmp_path, 'random', 1, 21.0, 360)  # sd 0.71 -> 2 sd = 1.41
+    seg_unit(tmp_path, 'random', 0, at900, 900)
+    assert study_transfer.converged(a, 'seg') == (
+        None, f'random init not yet fine-tuned at 1800 iterations; {says}', False)  # 1800 could still gain
 
 
 @pytest.mark.parametrize('results', [{'random': [20.0, 21.0], (900, 'random'): [28.0, 27.0], (1800, 'random'): [28.5],
