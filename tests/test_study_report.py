@@ -444,3 +444,21 @@ def test_detection_section_keeps_the_longest_budget_both_have_run(tmp_path):
                         "the curve)")
     assert both < text.index('- mae-long (1 seed): 9.00 AP^box, vs random init +6.50', both) < claims
     assert '- No random init or MAE run at this budget to compare with yet.' in text[claims:]
+
+
+def test_detection_section_keeps_the_longest_budget_both_have_two_seeds(tmp_path):
+    """Both have two seeds at 640 but one each at 1280 (the longest budget both have run): the 640 table, whose
+    comparison is read against the noise of two seeds each, keeps its own section, named as such."""
+    out = tmp_path / 'runs'
+    det_unit(out, 'random', 0, 1.0, 256)
+    for seed, (r, m) in enumerate(((2.0, 9.0), (3.0, 10.0))):
+        det_unit(out, 'random', seed, r, 640)
+        det_unit(out, 'mae-long', seed, m, 640)
+    det_unit(out, 'random', 0, 20.0, 1280)
+    det_unit(out, 'mae-long', 0, 21.0, 1280)
+    text = det_report(tmp_path, out)
+    seeded = text.index('### 640 iterations (longest budget where random init and a pretrained cell both have two '
+                        'seeds or more)')
+    both = text.index('### 1280 iterations (')
+    assert seeded < text.index('- mae-long (2 seeds): 9.50 AP^box, vs random init +7.00', seeded) < both
+    assert "the claims' budget" in text[both:text.index('\n', both)]  # both have run at 1280: the claims' table
