@@ -343,7 +343,8 @@ def section(a, task, root, classes=None):
         parts += [f'### {i} iterations ({tag})', table(by, spec['metrics'], spec['names']),
                   '\n'.join(line for k in spec['metrics'][:spec['read']]
                             for line in comparisons(by, k, pooled_std(runs, k), spec['names'][k]))
-                  or '- No random init or MAE run at this budget to compare with yet.']
+                  or '- Nothing to compare at this budget yet: '
+                  + ('only random init' if 'random' in by else 'no random init') + ' has run here.']
         if classes and 'iou' in next(iter(by.values()))[0]:
             rows = [f"| {c} | {r['seed']} | " + ' | '.join(f'{v:.1f}' for v in r['iou']) + ' |'
                     for c, rs in by.items() for r in rs]

@@ -226,7 +226,7 @@ def test_detection_section_keeps_the_longest_budget_both_have_run(tmp_path):
     claims = text.index("### 1280 iterations (the claims' budget: random init NOT converged, longest budget of "
                         "the curve)")
     assert both < text.index('- mae-long (1 seed): 9.00 AP^box, vs random init +6.50', both) < claims
-    assert '- No random init or MAE run at this budget to compare with yet.' in text[claims:]
+    assert '- Nothing to compare at this budget yet: only random init has run here.' in text[claims:]
 
 
 def test_detection_section_keeps_the_longest_budget_both_have_two_seeds(tmp_path):
