@@ -66,9 +66,9 @@ def get_args(argv=None):
     p.add_argument('--seg_data', default=os.path.join(ROOT, '..', 'shared', 'data', 'camvid'))
     p.add_argument('--seg_size', default=96, type=int, help='crop = short side of the rescaled CamVid frames')
     p.add_argument('--seg_iters', default=360, type=int, help='the short budget (8 epochs of 45 iterations)')
-    p.add_argument('--seg_curve', default='360,900,1800,3600,7200,14400', help='budgets (iterations) of the curve: '
-                   'random init, mae-long and mae at each (doubled while random init still gains beyond '
-                   'the noise at the end); the claim cells run at the converged one '
+    p.add_argument('--seg_curve', default='360,900,1800,3600,7200,14400,28800',
+                   help='budgets (iterations) of the curve: random init, mae-long and mae at each (doubled while '
+                   'random init still gains beyond the noise at the end); the claim cells run at the converged one '
                    '(study_transfer.converged)')
     p.add_argument('--seg_lr', default='1e-3', help='AdamW lr (absolute) of the segmentation fine-tunes')
     # --- detection transfer: Mask R-CNN fine-tuned on Penn-Fudan

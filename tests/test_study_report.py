@@ -98,7 +98,7 @@ def test_plan_units_parse(tmp_path):
                                                              'long'}
     assert {'seg900:random-seed0', 'seg1800:mae-long-seed0', 'segc:colormae_green-seed1', 'det:mae-seed0',
             'det20480:random-seed0', 'det40960:random-seed0', 'detc:mae-seed1', 'seg7200:mae-long-seed0',
-            'seg14400:random-seed0'} <= set(units)  # the study's default curves
+            'seg14400:random-seed0', 'seg28800:random-seed0'} <= set(units)  # the study's default curves
     assert units.index('seg1800:mae-seed0') < units.index('segc:random-seed0')  # the curve before its use
     assert units.index('det20480:mae-seed0') < units.index('detc:random-seed1')
     assert study_transfer.parse('det640:mae-long-seed2', study_plan.CELLS) == ('det', 640, 'mae-long', 2)
