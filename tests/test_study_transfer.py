@@ -229,6 +229,20 @@ def test_detection_section_keeps_the_longest_budget_both_have_run(tmp_path):
     assert '- Nothing to compare at this budget yet: only random init has run here.' in text[claims:]
 
 
+def test_detection_section_names_the_missing_random_init(tmp_path):
+    """`mae-long` alone at the end of the curve: its section says random init has not run there, and no
+    comparison is made up."""
+    out = tmp_path / 'runs'
+    det_unit(out, 'random', 0, 1.0, 256)
+    for seed, v in enumerate((2.0, 3.0)):
+        det_unit(out, 'random', seed, v, 640)
+    det_unit(out, 'mae-long', 0, 21.0, 1280)
+    text = det_report(tmp_path, out)
+    end = text.index('### 1280 iterations (longest budget of the curve)')
+    assert '- Nothing to compare at this budget yet: no random init has run here.' in text[end:]
+    assert 'vs random init' not in text[end:text.index('Fine-tuning noise', end)]
+
+
 def test_detection_section_keeps_the_longest_budget_both_have_two_seeds(tmp_path):
     """Both have two seeds at 640 but one each at 1280 (the longest budget both have run): the 640 table, whose
     comparison is read against the noise of two seeds each, keeps its own section, named as such."""
