@@ -318,14 +318,18 @@ def section(a, task, root, classes=None):
     curve_md, cells = curve_table(a, task, runs, key)
     parts += [f'### {name} by fine-tuning budget (seed 0 unless noted)', curve_md,
               f'![{task} curve](docs/{task}_curve.png)', f'Budget: {how}.']
-    # the longest budget where random init and a pretrained cell have both run: the table the reading falls
-    # back to while the claims' budget lacks the pretrained runs
-    both = max((b for b in budgets if 'random' in group(runs, b) and len(group(runs, b)) > 1), default=None)
+    # for each pretrained cell, the longest budget where it and random init have both run: the tables the reading
+    # falls back to while the claims' budget lacks the pretrained runs (budget -> those cells)
+    pairs = {}
+    for c in dict.fromkeys(c for b in budgets for c in group(runs, b) if c != 'random'):
+        b = max((b for b in budgets if {'random', c} <= group(runs, b).keys()), default=None)
+        if b is not None:
+            pairs.setdefault(b, []).append(c)
     # and the longest where both have two seeds or more: the comparison that can be read against the noise
     seeded = max((b for b in budgets if len(group(runs, b).get('random', [])) > 1
                   and any(len(rs) > 1 for c, rs in group(runs, b).items() if c != 'random')), default=None)
-    shown_budgets = [short(a, task)] + [b for b in (seeded, both, conv, reached(a, task, runs), budgets[-1])
-                                        if b is not None and b != short(a, task)]
+    shown_budgets = [short(a, task)] + [b for b in (seeded, *sorted(pairs), conv, reached(a, task, runs),
+                                                    budgets[-1]) if b is not None and b != short(a, task)]
     claims_at = conv if conv is not None else short(a, task)
     label = f'{claims_at} iterations' + (f' ({conv_tag})' if conv is not None else ' (short budget)')
     for i in dict.fromkeys(shown_budgets):
@@ -333,10 +337,11 @@ def section(a, task, root, classes=None):
         if not by:
             continue
         tag = ', '.join(t for t, b in (('short budget', short(a, task)), (conv_tag, conv),
-                                        ('longest budget where random init and a pretrained cell have both run',
-                                         both if both != conv else None),
+                                        ('longest budget where random init and '
+                                         + ', '.join(f'`{c}`' for c in pairs.get(i, ())) + ' have both run',
+                                         i if i in pairs and i != conv else None),
                                         ('longest budget where random init and a pretrained cell both have two '
-                                         'seeds or more', seeded if seeded not in (both, conv) else None),
+                                         'seeds or more', seeded if seeded != conv else None),
                                         ('longest budget of the curve', budgets[-1]),
                                         ('longest budget random init has run so far', None if conv else
                                          reached(a, task, runs))) if b == i)

@@ -222,11 +222,27 @@ def test_detection_section_keeps_the_longest_budget_both_have_run(tmp_path):
     det_unit(out, 'mae-long', 0, 9.0, 640)
     det_unit(out, 'random', 0, 20.0, 1280)  # still gains beyond the noise: 1280 is used, not converged
     text = det_report(tmp_path, out)
-    both = text.index('### 640 iterations (longest budget where random init and a pretrained cell have both run)')
+    both = text.index('### 640 iterations (longest budget where random init and `mae-long` have both run)')
     claims = text.index("### 1280 iterations (the claims' budget: random init NOT converged, longest budget of "
                         "the curve)")
     assert both < text.index('- mae-long (1 seed): 9.00 AP^box, vs random init +6.50', both) < claims
     assert '- Nothing to compare at this budget yet: only random init has run here.' in text[claims:]
+
+
+def test_detection_section_keeps_each_cells_longest_budget_beside_random_init(tmp_path):
+    """`mae-long` has run beside random init up to 640 and `mae` up to 1280: each cell's longest budget beside random
+    init keeps its own table and comparison, named after the cell, so a longer `mae` run does not hide `mae-long`."""
+    out = tmp_path / 'runs'
+    for i, v in ((256, 1.0), (640, 2.0), (1280, 20.0)):
+        det_unit(out, 'random', 0, v, i)
+    det_unit(out, 'random', 1, 3.0, 640)
+    det_unit(out, 'mae-long', 0, 9.0, 640)
+    det_unit(out, 'mae', 0, 18.0, 1280)
+    text = det_report(tmp_path, out)
+    long_ = text.index('### 640 iterations (longest budget where random init and `mae-long` have both run)')
+    mae = text.index('### 1280 iterations (')
+    assert long_ < text.index('- mae-long (1 seed): 9.00 AP^box, vs random init +6.50', long_) < mae
+    assert '- mae (1 seed): 18.00 AP^box, vs random init -2.00' in text[mae:]
 
 
 def test_detection_section_names_the_missing_random_init(tmp_path):
