@@ -328,8 +328,8 @@ def section(a, task, root, classes=None):
     # and the longest where both have two seeds or more: the comparison that can be read against the noise
     seeded = max((b for b in budgets if len(group(runs, b).get('random', [])) > 1
                   and any(len(rs) > 1 for c, rs in group(runs, b).items() if c != 'random')), default=None)
-    shown_budgets = [short(a, task)] + [b for b in (seeded, *sorted(pairs), conv, reached(a, task, runs),
-                                                    budgets[-1]) if b is not None and b != short(a, task)]
+    shown_budgets = [short(a, task)] + sorted({b for b in (seeded, *pairs, conv, reached(a, task, runs), budgets[-1])
+                                               if b is not None and b != short(a, task)})
     claims_at = conv if conv is not None else short(a, task)
     label = f'{claims_at} iterations' + (f' ({conv_tag})' if conv is not None else ' (short budget)')
     for i in dict.fromkeys(shown_budgets):
