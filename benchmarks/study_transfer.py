@@ -332,7 +332,7 @@ def section(a, task, root, classes=None):
                                                if b is not None and b != short(a, task)})
     claims_at = conv if conv is not None else short(a, task)
     label = f'{claims_at} iterations' + (f' ({conv_tag})' if conv is not None else ' (short budget)')
-    for i in dict.fromkeys(shown_budgets):
+    for i in shown_budgets:  # already distinct
         by = group(runs, i)
         if not by:
             continue
